@@ -1,0 +1,33 @@
+"""RTN: round-to-nearest uniform quantization, per row or per group. No calibration data used."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ttvq_methods.base import Method
+from ttvq_methods.registry import register_method
+from ttvq_methods.scalar import ScalarQuantLinear, rtn_quantize
+
+
+@dataclass
+class RTNConfig:
+    name: str = "rtn"
+    group_size: int = -1  # -1: one (scale, zero) per output row
+    sym: bool = False
+
+
+@register_method("rtn", RTNConfig)
+class RTN(Method):
+    # needs_calibration keeps the base default (True): RTN goes through the same block loop
+    # as the other methods and simply ignores the data and H.
+    needs_hessian = False
+    supported_bits = tuple(range(1, 9))
+
+    @torch.no_grad()
+    def quantize_layer(self, name: str, layer: nn.Linear, H: torch.Tensor | None) -> nn.Module:
+        codes, scales, zeros = rtn_quantize(layer.weight.data, self.bits, self.cfg.group_size, self.cfg.sym)
+        q = ScalarQuantLinear.from_codes(codes, scales, zeros, self.bits, self.cfg.group_size, self.cfg.sym,
+                                         bias=layer.bias)
+        return q.to(layer.weight.device)

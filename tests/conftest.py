@@ -1,0 +1,62 @@
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+# Kernels run in Triton's interpreter on CPU; it must be set before any @triton.jit runs.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+os.environ.setdefault("WANDB_MODE", "disabled")
+os.environ.setdefault("WANDB_SILENT", "true")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = Path(os.environ.get("TTVQ_DATA", ROOT.parent / "shared" / "data"))
+
+# A tiny "tiny" model: trains in a few seconds, enough for end-to-end runs.
+TINY = [
+    "model.tiny.hidden_size=32", "model.tiny.intermediate_size=88", "model.tiny.num_layers=2",
+    "model.tiny.num_heads=2", "model.tiny.num_kv_heads=1", "model.tiny.seq_len=64",
+    "model.tiny.steps=30", "model.tiny.batch_size=4", "model.tiny.vocab_size=300",
+    "calib.n=8", "calib.seqlen=64", "eval.ppl.seqlen=64", "eval.ppl.max_windows=8",
+    "logger=none", "logger.progress=false",
+]
+
+
+@pytest.fixture
+def shared_data() -> Path:
+    if not (DATA / "stories260K" / "stories260K.bin").is_file():
+        pytest.skip(f"shared data not found at {DATA} (set TTVQ_DATA)")
+    return DATA
+
+
+@pytest.fixture(scope="session")
+def tiny_cache(tmp_path_factory) -> Path:
+    """One cache dir per session so the tiny model trains once for all tests."""
+    return tmp_path_factory.mktemp("cache")
+
+
+@pytest.fixture
+def compose():
+    from hydra import compose as hcompose
+    from hydra import initialize_config_dir
+
+    from ttvq_bench.config import register_configs
+
+    register_configs()
+
+    def _compose(overrides=()):
+        with initialize_config_dir(version_base="1.3", config_dir=str(ROOT / "conf")):
+            return hcompose("config", overrides=list(overrides))
+
+    return _compose
+
+
+@pytest.fixture
+def tiny_cfg(compose, tiny_cache, tmp_path):
+    def make(*overrides):
+        return compose(TINY + [f"cache_dir={tiny_cache}", f"results_dir={tmp_path / 'results'}", *overrides])
+
+    return make

@@ -1,0 +1,73 @@
+"""Every config group and experiment composes; bad keys/values fail at composition or validation."""
+import pytest
+from omegaconf import OmegaConf
+
+from conftest import ROOT
+from ttvq_bench.config import validate
+from ttvq_bench.errors import ConfigError
+
+GROUPS = ["model", "data", "calib", "method", "head", "eval", "logger"]
+
+
+@pytest.mark.parametrize("group", GROUPS)
+def test_every_option_composes(compose, group):
+    for f in sorted((ROOT / "conf" / group).glob("*.yaml")):
+        extra = []
+        if group == "model" and f.stem == "hf":
+            extra = ["model.path=/some/dir"]
+        if group == "data" and f.stem == "file":
+            extra = ["data.path=/some/file.txt"]
+        cfg = compose([f"{group}={f.stem}", *extra])
+        OmegaConf.to_container(cfg, resolve=True)  # every interpolation resolves
+        validate(cfg)
+
+
+def test_every_experiment_composes(compose):
+    exps = sorted((ROOT / "conf" / "experiment").glob("*.yaml"))
+    assert exps
+    for f in exps:
+        cfg = compose([f"experiment={f.stem}"])
+        validate(cfg)
+
+
+def test_launchers_compose(compose):
+    for launcher in ("local", "slurm"):
+        from hydra import compose as hcompose
+        from hydra import initialize_config_dir
+
+        with initialize_config_dir(version_base="1.3", config_dir=str(ROOT / "conf")):
+            cfg = hcompose("config", overrides=[f"hydra/launcher={launcher}"], return_hydra_config=True)
+        target = cfg.hydra.launcher._target_
+        assert ("Joblib" in target) if launcher == "local" else ("Slurm" in target)
+
+
+def test_method_schema_typo_fails(compose):
+    with pytest.raises(Exception, match="grop_size"):
+        compose(["method=rtn", "method.grop_size=32"])
+
+
+def test_bad_type_fails(compose):
+    with pytest.raises(Exception, match="bits"):
+        compose(["bits=abc"])
+
+
+def test_unknown_method_fails(compose):
+    with pytest.raises(Exception, match="method/nope"):
+        compose(["method=nope"])
+
+
+@pytest.mark.parametrize("override,key", [
+    ("bits=0", "bits"), ("eval.ppl.seqlen=-1", "eval.ppl.seqlen"), ("logger.wandb.mode=sometimes", "logger.wandb.mode"),
+    ("data.calib_fraction=1.5", "data.calib_fraction"), ("eval.ppl.stride=999", "eval.ppl.stride"),
+])
+def test_validate_names_the_key(compose, override, key):
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        validate(compose([override]))
+
+
+def test_bits_a_method_cannot_do(compose):
+    from ttvq_methods.registry import get_method
+
+    cls, _ = get_method("rtn")
+    with pytest.raises(ConfigError, match="bits=16"):
+        cls(cls.Config(), 16)

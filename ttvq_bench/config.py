@@ -1,0 +1,177 @@
+"""Structured configs: the schema every yaml under conf/ is checked against.
+
+Each group (`model`, `data`, `calib`, `eval`, `head`, `logger`) is a typed dataclass node, so a
+misspelt key or a wrongly typed value fails while Hydra composes the config. `method` is
+polymorphic: every method registers its own config dataclass as `method/<name>_schema`, and
+its yaml extends that schema. Range checks that types cannot express live in `validate`,
+which the run calls before doing any work.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, List, Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING, DictConfig, OmegaConf
+
+from ttvq_bench.errors import ConfigError
+from ttvq_bench.models.tiny import TinyModelConfig
+
+
+@dataclass
+class PathsConfig:
+    # Where the user's copies of public datasets live (TinyStories, WikiText-2, ...).
+    data_root: str = "${oc.env:TTVQ_DATA,../shared/data}"
+
+
+@dataclass
+class ModelConfig:
+    kind: str = MISSING  # tiny | llama2c | hf
+    name: Optional[str] = None  # name in records; default: derived from the checkpoint
+    path: Optional[str] = None  # llama2c: the .bin file; hf: a local dir (or a repo id in the HF cache)
+    tokenizer: Optional[str] = None  # llama2c: the SentencePiece .model file
+    dtype: str = "float32"  # compute dtype
+    # Parameters that no method quantizes (embeddings, norms, head) are stored, counted and
+    # evaluated at this precision, so the fp16 baseline is exactly what its checkpoint holds.
+    storage_dtype: str = "float16"
+    trust_remote_code: bool = False
+    tiny: TinyModelConfig = field(default_factory=TinyModelConfig)
+
+
+@dataclass
+class CorpusConfig:
+    """A text corpus with an evaluation split and a calibration split (never the same text)."""
+
+    name: str = MISSING  # key in records (ppl.<name>)
+    kind: str = MISSING  # default | tinystories | wikitext2 | wikitext2_raw | c4 | file
+    path: Optional[str] = None  # file or dir; meaning depends on kind
+    calib_path: Optional[str] = None  # kind=file/c4: where calibration text comes from
+    # kind=tinystories/file: fraction of documents (from the end) held out for calibration.
+    calib_fraction: float = 0.1
+
+
+@dataclass
+class CalibConfig:
+    corpus: CorpusConfig = field(default_factory=CorpusConfig)
+    n: int = 128  # number of windows
+    seqlen: int = 256  # tokens per window (BOS included when bos=true)
+    bos: bool = True
+    seed: int = 0
+
+
+@dataclass
+class PPLConfig:
+    enabled: bool = True
+    seqlen: int = 256
+    stride: Optional[int] = None  # None: = seqlen (non-overlapping, GPTQ convention)
+    bos: bool = True  # BOS at the start of every window (counts in seqlen)
+    max_windows: Optional[int] = None  # None: the whole split
+    batch_size: int = 8
+    extra: List[str] = field(default_factory=list)  # more corpora by kind name, default paths
+
+
+@dataclass
+class EvalConfig:
+    ppl: PPLConfig = field(default_factory=PPLConfig)
+
+
+@dataclass
+class HeadConfig:
+    # The output head (and embeddings) stay unquantized at model.storage_dtype, the convention
+    # of the VQ papers; VQ-Logits adds another kind.
+    kind: str = "keep"
+
+
+@dataclass
+class WandbConfig:
+    mode: str = "offline"  # online | offline | disabled
+    project: str = "ttvq-bench"
+    entity: Optional[str] = None
+    group: Optional[str] = None  # default: the sweep dir name (one group per sweep)
+    tags: List[str] = field(default_factory=list)
+
+
+@dataclass
+class LoggerConfig:
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+    progress: bool = True  # tqdm bars
+
+
+@dataclass
+class Config:
+    bits: int = 3  # every method maps this to its own parameters through one documented table
+    seed: int = 0
+    results_dir: str = "results"
+    cache_dir: str = ".cache/ttvq"
+    cache: bool = True
+    force: bool = False  # rerun even when an ok record with the same run_id exists
+    save_checkpoint: bool = True
+    checkpoint: Optional[str] = None  # evaluate this saved quantized checkpoint; skip quantization
+    sweep: Optional[str] = None  # sweep/group name; default from the Hydra sweep dir
+    paths: PathsConfig = field(default_factory=PathsConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: CorpusConfig = field(default_factory=CorpusConfig)
+    calib: CalibConfig = field(default_factory=CalibConfig)
+    method: Any = MISSING
+    head: HeadConfig = field(default_factory=HeadConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+
+
+_registered = False
+
+
+def register_configs() -> None:
+    """Put the schemas in Hydra's ConfigStore (before composing, in the app and in tests)."""
+    global _registered
+    if _registered:
+        return
+    from ttvq_methods import registry
+
+    registry.load_all()
+    cs = ConfigStore.instance()
+    cs.store(name="config_schema", node=Config)
+    for name, (_cls, cfg_cls) in registry.METHODS.items():
+        cs.store(group="method", name=f"{name}_schema", node=cfg_cls)
+    _registered = True
+
+
+KINDS = {
+    "model.kind": ("tiny", "llama2c", "hf"),
+    "data.kind": ("default", "tinystories", "wikitext2", "wikitext2_raw", "c4", "file"),
+    "calib.corpus.kind": ("default", "tinystories", "wikitext2", "wikitext2_raw", "c4", "file"),
+    "head.kind": ("keep",),
+    "logger.wandb.mode": ("online", "offline", "disabled"),
+    "model.dtype": ("float32", "bfloat16", "float16"),
+    "model.storage_dtype": ("float32", "bfloat16", "float16"),
+}
+
+
+def validate(cfg: DictConfig) -> None:
+    """Checks beyond types; raises ConfigError with one line naming the key."""
+    for key, allowed in KINDS.items():
+        val = OmegaConf.select(cfg, key)
+        if val not in allowed:
+            raise ConfigError(f"{key}={val!r} is not one of {list(allowed)}")
+
+    def positive(key: str, allow_none: bool = False):
+        val = OmegaConf.select(cfg, key)
+        if val is None and allow_none:
+            return
+        if not isinstance(val, int) or val <= 0:
+            raise ConfigError(f"{key}={val!r} must be a positive integer")
+
+    for key in ("bits", "calib.n", "calib.seqlen", "eval.ppl.seqlen", "eval.ppl.batch_size"):
+        positive(key)
+    for key in ("eval.ppl.stride", "eval.ppl.max_windows"):
+        positive(key, allow_none=True)
+    if cfg.eval.ppl.stride is not None and cfg.eval.ppl.stride > cfg.eval.ppl.seqlen:
+        raise ConfigError(f"eval.ppl.stride={cfg.eval.ppl.stride} must be <= eval.ppl.seqlen={cfg.eval.ppl.seqlen}")
+    if cfg.model.kind in ("llama2c", "hf") and not cfg.model.path:
+        raise ConfigError(f"model.path is required for model.kind={cfg.model.kind}")
+    if cfg.model.kind == "llama2c" and not cfg.model.tokenizer:
+        raise ConfigError("model.tokenizer (the SentencePiece .model file) is required for model.kind=llama2c")
+    for key in ("data.calib_fraction", "calib.corpus.calib_fraction"):
+        v = OmegaConf.select(cfg, key)
+        if not 0 < v < 1:
+            raise ConfigError(f"{key}={v} must be in (0, 1)")

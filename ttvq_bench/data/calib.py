@@ -1,0 +1,26 @@
+"""Calibration windows: N seeded windows of seqlen tokens from a corpus's calibration split,
+cached by content hash (tokenizer, text, n, seqlen, BOS, seed)."""
+from __future__ import annotations
+
+import torch
+
+from ttvq_bench.data.corpora import load_text
+from ttvq_bench.data.windows import calib_windows
+from ttvq_bench.hashing import hash_bytes, hash_obj
+
+
+def calibration_ids(ccfg, tokenizer, cache) -> tuple[torch.Tensor, dict]:
+    text, source = load_text(ccfg.corpus, "calib")
+    bos = tokenizer.bos_id if ccfg.bos else None
+    info = {"corpus": ccfg.corpus.name, "source": source, "text_sha": hash_bytes(text.encode()),
+            "n": ccfg.n, "seqlen": ccfg.seqlen, "bos": ccfg.bos, "seed": ccfg.seed,
+            "tokenizer": tokenizer.fingerprint()}
+    key = hash_obj(info)
+    info["key"] = key
+
+    def build(tmp):
+        ids = calib_windows(tokenizer.encode(text), ccfg.n, ccfg.seqlen, bos, ccfg.seed)
+        torch.save(ids, tmp / "ids.pt")
+
+    path = cache.get_or_create("calib", key, build)
+    return torch.load(path / "ids.pt"), info
