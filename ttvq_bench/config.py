@@ -71,8 +71,22 @@ class PPLConfig:
 
 
 @dataclass
+class ZeroShotConfig:
+    """Zero-shot accuracy through lm-evaluation-harness on the model in memory (no download)."""
+
+    tasks: List[str] = field(default_factory=list)  # e.g. [piqa, arc_easy]; empty: skipped
+    limit: Optional[int] = None  # seeded subsample of each task's documents
+    batch_size: int = 16
+    bos: bool = True  # prepend BOS to every context (recorded)
+    seed: int = 1234
+    # Where the local copies of the standard task files live (formats: see the README).
+    task_data: str = "${paths.data_root}/mc"
+
+
+@dataclass
 class EvalConfig:
     ppl: PPLConfig = field(default_factory=PPLConfig)
+    zeroshot: ZeroShotConfig = field(default_factory=ZeroShotConfig)
 
 
 @dataclass

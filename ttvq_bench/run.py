@@ -77,6 +77,11 @@ def run_job(cfg: DictConfig, output_dir: str | Path) -> dict:
             record["protocol"][corpus.name] = proto
             wb.log({f"ppl/{corpus.name}": res["ppl"]})
             log.info("ppl[%s] = %.4f  (%d tokens)", corpus.name, res["ppl"], res["n_tokens"])
+        if cfg.eval.zeroshot.tasks:
+            from ttvq_bench.evaluate.zeroshot import evaluate_zeroshot
+
+            record["zeroshot"] = evaluate_zeroshot(cfg, lm, cache, record, progress)
+            wb.log({"zeroshot": record["zeroshot"]})
         record["timing"]["eval_s"] = round(time.time() - t0, 3)
         record["status"] = "ok"
         ok = True

@@ -1,0 +1,1 @@
+"""Shared vector-quantization machinery (k-means, the VQ layer, codebook scope, bit tables)."""
