@@ -67,3 +67,9 @@ def test_sweep_with_a_bad_point_exits_nonzero(tmp_path, tiny_cache):
     assert p.returncode != 0
     assert any("bits=16" in l for l in error_lines(p))
     assert [(r["bits"], r["status"]) for r in read_runs(tmp_path / "results")] == [(4, "ok")]
+
+
+def test_local_parallel_launcher(tmp_path, tiny_cache):
+    p = cli(["-m", "hydra/launcher=local", "hydra.launcher.n_jobs=2", "method=rtn", "bits=3,4"], tmp_path, tiny_cache)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert sorted((r["bits"], r["status"]) for r in read_runs(tmp_path / "results")) == [(3, "ok"), (4, "ok")]

@@ -206,7 +206,7 @@ def train_tiny(cfg: TinyModelConfig, progress: bool = True, eval_every: int = 0)
             )
             losses: list[float] = []
             curve: list[dict] = []
-            t1 = time.time()
+            t1, c1 = time.time(), time.process_time()
             bar = tqdm(total=cfg.steps, desc="training tiny model", disable=not progress, file=sys.stderr)
             for step in range(cfg.steps):
                 lr = _lr_at(step, cfg)
@@ -229,7 +229,7 @@ def train_tiny(cfg: TinyModelConfig, progress: bool = True, eval_every: int = 0)
                     curve.append(point)
                 bar.update(1)
             bar.close()
-            t_train = time.time() - t1
+            t_train, c_train = time.time() - t1, time.process_time() - c1
         finally:
             torch.use_deterministic_algorithms(det_prev, warn_only=det_warn_prev)
     model.eval()
@@ -248,6 +248,7 @@ def train_tiny(cfg: TinyModelConfig, progress: bool = True, eval_every: int = 0)
         "vocab_size": len(hf_tok),
         "tokenize_time_s": t_tok,
         "train_time_s": t_train,
+        "train_cpu_time_s": c_train,  # all threads; ~ threads * wall when the CPU is not shared
         "wall_time_s": time.time() - t0,
         "torch_threads": torch.get_num_threads(),
         "curve": curve,

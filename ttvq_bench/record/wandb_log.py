@@ -10,10 +10,7 @@ class WandbRun:
         self.run = None
         if wcfg.mode == "disabled":
             return
-        os.environ.setdefault("WANDB_SILENT", "true")
-        import wandb
-
-        self.run = wandb.init(
+        self.run = _wandb_init(
             mode=wcfg.mode, project=wcfg.project, entity=wcfg.entity, group=wcfg.group or group,
             tags=list(wcfg.tags) + tags, name=name, config=config, dir=str(output_dir), reinit="finish_previous",
         )
@@ -30,6 +27,13 @@ class WandbRun:
                 self.run.summary[k] = v
         # A failed job must not show as finished-ok (wandb#4591).
         self.run.finish(exit_code=0 if ok else 1)
+
+
+def _wandb_init(**kwargs):
+    os.environ.setdefault("WANDB_SILENT", "true")
+    import wandb
+
+    return wandb.init(**kwargs)
 
 
 def _flatten(d: dict, prefix: str = "") -> dict:

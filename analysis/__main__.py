@@ -1,0 +1,3 @@
+from ttvq_analysis.tables import main
+
+main()
