@@ -21,6 +21,9 @@ class Method:
     needs_calibration: ClassVar[bool] = True  # False: no block loop at all (fp16)
     needs_hessian: ClassVar[bool] = True
     supported_bits: ClassVar[tuple[int, ...]] = ()  # empty: any bits in 1..16
+    # A method whose result does not depend on `bits` (fp16) names the width it really has;
+    # the run records that, so a sweep over bits runs it once (same run_id) instead of N times.
+    fixed_bits: ClassVar[int | None] = None
 
     def __init__(self, cfg: Any, bits: int):
         if self.supported_bits and bits not in self.supported_bits:

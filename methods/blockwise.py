@@ -19,7 +19,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ttvq_bench.errors import QuantizationError
-from ttvq_methods.checkpoint import load_module_state, save_module_state
+from ttvq_methods.checkpoint import load_module_state, save_module_state, set_module
 from ttvq_methods.hessian import HessianAccumulator
 from ttvq_methods.layers import QuantizedLinear
 
@@ -51,11 +51,6 @@ def linear_groups(block: nn.Module, true_sequential: bool) -> list[list[str]]:
     groups = [[n for n in g if n in names] for g in SEQUENTIAL_GROUPS]
     rest = [n for n in names if not any(n in g for g in groups)]
     return [g for g in groups + [rest] if g]
-
-
-def set_module(root: nn.Module, name: str, new: nn.Module) -> None:
-    parent, _, child = name.rpartition(".")
-    setattr(root.get_submodule(parent) if parent else root, child, new)
 
 
 class BlockInputs:
@@ -124,6 +119,11 @@ def quantize_blockwise(model: nn.Module, calib_ids: torch.Tensor, method, *, bat
     layers = decoder_layers(model)
     true_seq = bool(getattr(method.cfg, "true_sequential", True))
     inputs = capture_inputs(model, calib_ids, batch_size)
+    prepare = getattr(method, "prepare_model", None)
+    if prepare is not None:
+        # Optional hook, before any block changes (and before a resume loads finished blocks):
+        # e.g. codebooks shared by several blocks are fitted here. It must not modify `inputs`.
+        prepare(model, inputs)
     stats: dict = {"layers": {}, "resumed_blocks": 0}
     start = 0
     if resume_dir is not None:

@@ -28,7 +28,7 @@ def quantized_layers(module: nn.Module) -> dict[str, QuantizedLinear]:
     return {n: m for n, m in module.named_modules() if isinstance(m, QuantizedLinear)}
 
 
-def _set_module(root: nn.Module, name: str, new: nn.Module) -> None:
+def set_module(root: nn.Module, name: str, new: nn.Module) -> None:
     parent, _, child = name.rpartition(".")
     setattr(root.get_submodule(parent) if parent else root, child, new)
 
@@ -78,7 +78,7 @@ def load_module_state(module: nn.Module, path: str | Path) -> dict:
     """Rebuild the quantized layers listed in the file and load every tensor (strict)."""
     meta = read_meta(path)
     for name, spec in meta["layers"].items():
-        _set_module(module, name, get_layer(spec["kind"]).from_meta(spec["meta"]))
+        set_module(module, name, get_layer(spec["kind"]).from_meta(spec["meta"]))
     sd = {}
     with safe_open(str(path), framework="pt") as f:
         for k in f.keys():
@@ -86,7 +86,20 @@ def load_module_state(module: nn.Module, path: str | Path) -> dict:
     for alias, target in meta["aliases"].items():
         sd[alias] = sd[target]
     module.load_state_dict(sd, strict=True)  # copies into existing params: casts to their dtype
+    _retie_buffers(module, meta["aliases"])
     return meta["extra"]
+
+
+def _retie_buffers(module: nn.Module, aliases: dict[str, str]) -> None:
+    """A buffer written once for several owners (a VQ codebook shared by layers) becomes one
+    tensor again, so the loaded model stores and counts it once, like the model that was saved.
+    Tied parameters are left to the model's own tying."""
+    for alias, target in aliases.items():
+        a_mod, _, a_name = alias.rpartition(".")
+        t_mod, _, t_name = target.rpartition(".")
+        am, tm = module.get_submodule(a_mod), module.get_submodule(t_mod)
+        if a_name in am._buffers and t_name in tm._buffers:
+            am._buffers[a_name] = tm._buffers[t_name]
 
 
 def round_to_storage(module: nn.Module, storage_dtype: str) -> None:

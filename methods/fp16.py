@@ -21,6 +21,7 @@ class FP16(Method):
     the fp16 checkpoint (the `bits` argument does not change that)."""
 
     needs_calibration = False  # no block loop at all
+    fixed_bits = 16
     needs_hessian = False
 
     def quantize_layer(self, name: str, layer: nn.Linear, H: torch.Tensor | None) -> None:

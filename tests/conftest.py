@@ -32,6 +32,14 @@ def shared_data() -> Path:
     return DATA
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="session")
 def tiny_cache(tmp_path_factory) -> Path:
     """One cache dir per session so the tiny model trains once for all tests."""

@@ -17,14 +17,18 @@ import torch
 from ttvq_bench.errors import DataError
 from ttvq_bench.models.llama2c import load_llama2c
 
-DATA = Path(os.environ.get("TTVQ_DATA", Path(__file__).resolve().parents[1].parent / "shared" / "data"))
+from conftest import DATA
+
 CKPT = DATA / "stories260K" / "stories260K.bin"
 TOK = DATA / "stories260K" / "tok512.model"
 STORIES = DATA / "tinystories" / "tinystories_val.txt"
 
-pytestmark = pytest.mark.skipif(
-    not (CKPT.is_file() and TOK.is_file() and STORIES.is_file()), reason=f"shared data not found under {DATA}"
-)
+pytestmark = [
+    pytest.mark.skipif(not (CKPT.is_file() and TOK.is_file() and STORIES.is_file()), reason=f"shared data not found under {DATA}"),
+    # Tiny model: with several threads on a busy machine thread sync dominates (greedy
+    # decoding took 5 s on 2 threads vs 0.7 s on 1).
+    pytest.mark.usefixtures("one_thread"),
+]
 
 FIELDS = ("dim", "hidden_dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "seq_len")
 LAYER_ARRAYS = ("rms_att", "wq", "wk", "wv", "wo", "rms_ffn", "w1", "w2", "w3")
@@ -99,16 +103,6 @@ def reference_logits(p: dict, w: dict[str, np.ndarray], tokens: list[int]) -> to
         x = x + ((g * torch.sigmoid(g)) * (xb @ t["w3"][l].T)) @ t["w2"][l].T
     x = rmsnorm(x, t["rms_final"])
     return x @ (t["emb"] if p["shared"] else t["classifier"]).T
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # The model is tiny: with several threads on a busy machine, thread sync dominates
-    # (greedy decoding took 5 s on 2 threads vs 0.7 s on 1).
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")

@@ -43,7 +43,9 @@ def test_end_to_end_record(tiny_cfg, tmp_path):
 
 def test_fp16_is_not_quantized(tiny_cfg, tmp_path):
     rec = run_job(tiny_cfg("method=fp16"), tmp_path)
-    assert rec["bpw"] == 16.0 and rec["bpw_model"] == 16.0
+    assert rec["bpw"] == 16.0 and rec["bpw_model"] == 16.0 and rec["bits"] == 16
+    # bits do not change fp16: a sweep over bits finds the same run_id and skips.
+    assert run_job(tiny_cfg("method=fp16", "bits=2"), tmp_path / "again")["run_id"] == rec["run_id"]
     rtn = run_job(tiny_cfg("method=rtn", "bits=2"), tmp_path / "rtn")
     assert rtn["ppl"]["default"] > rec["ppl"]["default"]  # 2-bit RTN must hurt
 

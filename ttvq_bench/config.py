@@ -74,13 +74,18 @@ class PPLConfig:
 class ZeroShotConfig:
     """Zero-shot accuracy through lm-evaluation-harness on the model in memory (no download)."""
 
-    tasks: List[str] = field(default_factory=list)  # e.g. [piqa, arc_easy]; empty: skipped
-    limit: Optional[int] = None  # seeded subsample of each task's documents
+    # e.g. [piqa, arc_easy]; empty: skipped. Ours: piqa arc_easy arc_challenge hellaswag winogrande
+    # lambada_openai (local files), default_continuation default_lastword (embedded default);
+    # lm_eval:<name> = lm-eval's built-in task, from the HF datasets cache only (never downloaded).
+    tasks: List[str] = field(default_factory=list)
+    limit: Optional[int] = None  # seeded subsample of each task's documents; null: all
     batch_size: int = 16
     bos: bool = True  # prepend BOS to every context (recorded)
     seed: int = 1234
     # Where the local copies of the standard task files live (formats: see the README).
     task_data: str = "${paths.data_root}/mc"
+    # A folder of your own lm-eval task yamls; their names can go in `tasks` (they win over ours).
+    include_path: Optional[str] = None
 
 
 @dataclass
@@ -115,6 +120,9 @@ class LoggerConfig:
 class Config:
     bits: int = 3  # every method maps this to its own parameters through one documented table
     seed: int = 0
+    # torch intra-op threads (None: torch's default, one per core). Small models on a shared
+    # machine run far faster on 1 thread: spin-waiting threads fight the other processes.
+    threads: Optional[int] = None
     results_dir: str = "results"
     cache_dir: str = ".cache/ttvq"
     cache: bool = True
@@ -177,7 +185,7 @@ def validate(cfg: DictConfig) -> None:
 
     for key in ("bits", "calib.n", "calib.seqlen", "eval.ppl.seqlen", "eval.ppl.batch_size"):
         positive(key)
-    for key in ("eval.ppl.stride", "eval.ppl.max_windows"):
+    for key in ("eval.ppl.stride", "eval.ppl.max_windows", "threads"):
         positive(key, allow_none=True)
     if cfg.eval.ppl.stride is not None and cfg.eval.ppl.stride > cfg.eval.ppl.seqlen:
         raise ConfigError(f"eval.ppl.stride={cfg.eval.ppl.stride} must be <= eval.ppl.seqlen={cfg.eval.ppl.seqlen}")

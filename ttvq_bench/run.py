@@ -34,7 +34,7 @@ from ttvq_methods.registry import get_method
 log = logging.getLogger("ttvq")
 
 # Keys that do not change a result (where it is written, how it is logged, whether cached).
-NON_DEFINING = ("logger", "results_dir", "cache_dir", "cache", "force", "save_checkpoint", "sweep", "paths")
+NON_DEFINING = ("logger", "results_dir", "cache_dir", "cache", "force", "save_checkpoint", "sweep", "paths", "threads")
 
 
 def run_job(cfg: DictConfig, output_dir: str | Path) -> dict:
@@ -42,8 +42,12 @@ def run_job(cfg: DictConfig, output_dir: str | Path) -> dict:
     output_dir = Path(output_dir)
     validate(cfg)
     torch.manual_seed(cfg.seed)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
     progress = cfg.logger.progress
     method_cls, _ = get_method(cfg.method.name)
+    if method_cls.fixed_bits is not None:
+        cfg.bits = method_cls.fixed_bits
     method = method_cls(OmegaConf.to_object(cfg.method), cfg.bits)  # rejects bits it cannot do
     cache = Cache(cfg.cache_dir, enabled=cfg.cache)
 
