@@ -15,9 +15,11 @@ import time
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
 
+from ttvq_bench.hashing import hash_obj, hash_tensors
 from ttvq_bench.errors import QuantizationError
 from ttvq_methods.checkpoint import load_module_state, save_module_state, set_module
 from ttvq_methods.hessian import HessianAccumulator
@@ -100,6 +102,26 @@ def run_block(block: nn.Module, inputs: BlockInputs) -> torch.Tensor:
     return out
 
 
+HESSIAN_VERSION = 1  # bump when the Hessian definition changes (it is part of the cache key)
+
+
+@torch.no_grad()
+def cached_hessians(block: nn.Module, names: list[str], inputs: BlockInputs, cache, inputs_hash: str) -> dict[str, torch.Tensor]:
+    """Hessians keyed by what determines them: the block's inputs, the block's current weights
+    (earlier groups may already be quantized) and the layer names. Jobs that share these
+    (block 0 of every method on one model and calibration set, say) compute them once."""
+    if cache is None or not cache.enabled:
+        return collect_hessians(block, names, inputs)
+    key = hash_obj({"inputs": inputs_hash, "block": hash_tensors(block.state_dict().items()), "names": names,
+                    "v": HESSIAN_VERSION})
+
+    def build(tmp):
+        save_file({n: h.contiguous() for n, h in collect_hessians(block, names, inputs).items()}, str(tmp / "H.safetensors"))
+
+    path = cache.get_or_create("hessians", key, build) / "H.safetensors"
+    return load_file(str(path))
+
+
 @torch.no_grad()
 def collect_hessians(block: nn.Module, names: list[str], inputs: BlockInputs) -> dict[str, torch.Tensor]:
     mods = linears(block)
@@ -114,7 +136,7 @@ def collect_hessians(block: nn.Module, names: list[str], inputs: BlockInputs) ->
 
 
 def quantize_blockwise(model: nn.Module, calib_ids: torch.Tensor, method, *, batch_size: int = 8,
-                       resume_dir: Path | None = None, progress: bool = True) -> dict:
+                       resume_dir: Path | None = None, cache=None, progress: bool = True) -> dict:
     """Quantize every decoder block of `model` in place; returns per-layer stats."""
     layers = decoder_layers(model)
     true_seq = bool(getattr(method.cfg, "true_sequential", True))
@@ -134,8 +156,9 @@ def quantize_blockwise(model: nn.Module, calib_ids: torch.Tensor, method, *, bat
         block = layers[b]
         t0 = time.time()
         targets = run_block(block, inputs) if getattr(method, "wants_block_targets", False) else None
+        inputs_hash = hash_tensors([("x", inputs.hidden)]) if method.needs_hessian and cache is not None else ""
         for group in linear_groups(block, true_seq):
-            H = collect_hessians(block, group, inputs) if method.needs_hessian else {}
+            H = cached_hessians(block, group, inputs, cache, inputs_hash) if method.needs_hessian else {}
             for name in group:
                 lin = linears(block)[name]
                 full = f"model.layers.{b}.{name}"

@@ -100,3 +100,19 @@ def test_nan_layer_fails_without_ok_record(tiny_cfg, tmp_path, monkeypatch):
     with pytest.raises(QuantizationError, match="NaN"):
         run_job(cfg, tmp_path)
     assert all(r["status"] != "ok" for r in read_runs(cfg.results_dir))
+
+
+def test_hessians_cached_by_content(tiny_cfg, tmp_path):
+    """Block 0's first-group Hessians depend only on the model and calibration inputs, so a second
+    config on the same model reuses them. (That cached Hessians give the same model as fresh
+    ones is checked by test_killed_job_resumes, whose clean run has cache=false.)"""
+    from ttvq_bench.record.cache import Cache
+
+    cfg = tiny_cfg("method=gptq", "bits=2", "method.percdamp=0.05")
+    run_job(cfg, tmp_path / "a")
+    cache = Cache(cfg.cache_dir)
+    n_before = len(list((cache.root / "hessians").iterdir()))
+    run_job(tiny_cfg("method=gptq", "bits=4", "method.percdamp=0.05"), tmp_path / "b")
+    n_after = len(list((cache.root / "hessians").iterdir()))
+    # 2 blocks x 4 groups each; the 4-bit run shares only block 0's first group with the 2-bit run.
+    assert n_after - n_before == 8 - 1

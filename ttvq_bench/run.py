@@ -139,7 +139,7 @@ def _quantize(cfg, lm, method, cache: Cache, record: dict, progress: bool) -> di
 
     resume = cache.root / "work" / key  # per-block progress of this exact quantization
     stats = quantize_blockwise(lm.model, calib, method, batch_size=cfg.eval.ppl.batch_size,
-                               resume_dir=resume if cfg.cache else None, progress=progress)
+                               resume_dir=resume if cfg.cache else None, cache=cache, progress=progress)
     method.finalize(lm.model, calib)
     round_to_storage(lm.model, cfg.model.storage_dtype)
     meta = {"method": cfg.method.name, "bits": cfg.bits, "model": lm.name, "model_fingerprint": lm.fingerprint,

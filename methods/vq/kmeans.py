@@ -33,8 +33,9 @@ from dataclasses import dataclass
 
 import torch
 
-# Distance matrices are computed CHUNK_ELEMS entries at a time (64 MB in fp32), whatever N·K is.
-CHUNK_ELEMS = 1 << 24
+# Distance matrices are computed CHUNK_ELEMS entries at a time (16 MB in fp32),
+# whatever N·K is.
+CHUNK_ELEMS = 1 << 22
 
 
 @dataclass
@@ -68,14 +69,16 @@ def nearest(x: torch.Tensor, C: torch.Tensor, weights: torch.Tensor | None = Non
         xs = x[s : s + step]
         if per_entry:
             ws = weights[s : s + step].float()
-            # Σ w x² - 2 Σ (w x) c + Σ w c²: two matmuls instead of an (n, K, d) tensor.
-            d2 = (ws @ (C * C).T) - 2.0 * ((ws * xs) @ C.T) + (ws * xs * xs).sum(1, keepdim=True)
+            # Σ w c² - 2 Σ (w x) c (+ Σ w x², constant per row): matmuls, no (n, K, d) tensor.
+            d2 = torch.addmm(ws @ (C * C).T, ws * xs, C.T, alpha=-2.0)
+            x_sq = (ws * xs * xs).sum(1)
         else:
-            d2 = c_sq[None, :] - 2.0 * (xs @ C.T) + (xs * xs).sum(1, keepdim=True)
+            d2 = torch.addmm(c_sq, xs, C.T, alpha=-2.0)  # ||c||² - 2 x·c (+ ||x||², constant per row)
+            x_sq = (xs * xs).sum(1)
         best, idx = d2.min(1)
         labels[s : s + step] = idx
         if return_dist:
-            best = best.clamp_min(0)
+            best = (best + x_sq).clamp_min(0)
             if weights is not None and not per_entry:
                 best = best * weights[s : s + step].float()
             dist[s : s + step] = best

@@ -61,14 +61,14 @@ ZEROSHOT_VERSION = 1
 # config
 
 
-def shipped_tasks() -> list[str]:
-    """Task names defined by the yamls we ship (read without importing lm-eval)."""
-    return sorted(m.group(1) for p in TASKS_DIR.glob("*.yaml")
+def shipped_tasks(folder: Path = TASKS_DIR) -> list[str]:
+    """Task names defined by the yamls in `folder` (ours by default; read without lm-eval)."""
+    return sorted(m.group(1) for p in Path(folder).rglob("*.yaml")
                   if (m := re.search(r"^task:\s*(\S+)\s*$", p.read_text(encoding="utf-8"), re.M)))
 
 
 def check_config(cfg) -> None:
-    """Checks `eval.zeroshot` before any work (cheap; meant for `config.validate`)."""
+    """Checks `eval.zeroshot` before any work (cheap: no lm-eval import; for `config.validate`)."""
     zs = cfg.eval.zeroshot
     for key in ("limit", "batch_size"):
         v = zs[key]
@@ -82,10 +82,10 @@ def check_config(cfg) -> None:
     if extra:
         if not Path(str(extra)).is_dir():
             raise ConfigError(f"eval.zeroshot.include_path={extra!r} is not a directory")
-        return  # its task names are only known to lm-eval's indexer
+        known |= set(shipped_tasks(Path(str(extra))))
     for name in names:
         if not name.startswith(BUILTIN_PREFIX) and name not in known:
-            raise ConfigError(f"unknown zero-shot task {name!r}: ours are {sorted(known)}; "
+            raise ConfigError(f"unknown zero-shot task {name!r}: ours are {sorted(shipped_tasks())}; "
                               f"lm-eval's built-in ones are named {BUILTIN_PREFIX}<name>")
 
 
@@ -306,6 +306,10 @@ def _lm_class():
             return ids[-left_truncate_len:] if left_truncate_len else ids
 
         def _loglikelihood_tokens(self, requests, disable_tqdm=False, override_bs=None):
+            longest = max((len(x) for _, _, x in requests), default=0)
+            if longest > self.max_length:  # lm-eval would stop on a bare assert
+                raise DataError(f"a continuation of {longest} tokens is longer than the model's context "
+                                f"({self.max_length} tokens): this task cannot be scored on this model")
             self.n_truncated += sum(len(c) + len(x) > self.max_length + 1 for _, c, x in requests)
             return super()._loglikelihood_tokens(requests, disable_tqdm=disable_tqdm or not self.progress,
                                                  override_bs=override_bs)
