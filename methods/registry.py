@@ -22,7 +22,7 @@ LAYERS: dict[str, type] = {}  # kind -> QuantizedLinear subclass
 
 # Modules imported on first lookup so that each registers itself. Adding a method means
 # adding its module here (one line) plus its file and its yaml.
-_METHOD_MODULES = ("fp16", "rtn", "gptq", "vptq")
+_METHOD_MODULES = ("fp16", "rtn", "gptq", "vptq", "ttvq")
 
 
 def register_method(name: str, config_cls: type):

@@ -141,6 +141,7 @@ def n_outlier_columns(percent: float, n: int) -> int:
 
 def prep_layer(W: torch.Tensor, hdiag: torch.Tensor, cfg: VPTQConfig, spec: VQSpec) -> LayerPrep:
     W = W.detach().float().clone()
+    hdiag = hdiag.to(W.device)
     dead = hdiag == 0  # columns no input ever touched cannot matter: zero them (as GPTQ)
     W[:, dead] = 0
     Wn, scale, bias = normalize(W, cfg.norm, cfg.norm_bias)
@@ -149,7 +150,7 @@ def prep_layer(W: torch.Tensor, hdiag: torch.Tensor, cfg: VPTQConfig, spec: VQSp
     rank = torch.argsort(imp, descending=True, stable=True)
     n_out = n_outlier_columns(spec.outlier_percent, W.shape[1])
     outliers = rank[:n_out].sort().values
-    is_out = torch.zeros(W.shape[1], dtype=torch.bool)
+    is_out = torch.zeros(W.shape[1], dtype=torch.bool, device=W.device)
     is_out[outliers] = True
     return LayerPrep(Wn, scale, bias, imp, outliers, (~is_out).nonzero().squeeze(1))
 
@@ -221,16 +222,17 @@ def vptq_quantize(W: torch.Tensor, H: torch.Tensor, spec: VQSpec, cfg: VPTQConfi
     m, n = W.shape
     if H is None or tuple(H.shape) != (n, n):
         raise QuantizationError(f"vptq {name}: needs an input Hessian of shape {(n, n)}, got {None if H is None else tuple(H.shape)}")
-    H = H.detach().to(torch.float64).clone()
+    dev = W.device
+    H = H.detach().to(dev, torch.float64).clone()
     if not torch.isfinite(W).all() or not torch.isfinite(H).all():
         raise QuantizationError(f"vptq {name}: weight or Hessian contains NaN/Inf")
     hdiag = H.diagonal().clone()
     dead = hdiag == 0
     H[dead, dead] = 1
     p = prep_layer(W, hdiag, cfg, spec)
-    s = torch.ones(n, dtype=torch.float64) if p.scale is None else p.scale.double().expand(n)
+    s = torch.ones(n, dtype=torch.float64, device=dev) if p.scale is None else p.scale.double().expand(n)
     Hn = H * s[:, None] * s[None, :]
-    order = torch.argsort(p.importance, descending=True, stable=True) if cfg.perm else torch.arange(n)
+    order = torch.argsort(p.importance, descending=True, stable=True) if cfg.perm else torch.arange(n, device=dev)
     books = books or {}
     d, K, Kr = spec.vector_len, spec.codebook_size, spec.res_codebook_size
     n_out, reg = p.outliers.numel(), p.regular
@@ -245,14 +247,13 @@ def vptq_quantize(W: torch.Tensor, H: torch.Tensor, spec: VQSpec, cfg: VPTQConfi
         if Co is None:
             Co = _fit(p.Wn[:, p.outliers].T, p.importance[p.outliers], spec.outlier_vector_len,
                       spec.outlier_codebook_size, cfg, 2)
-    is_out = torch.zeros(n, dtype=torch.bool)
-    is_out[p.outliers] = True
+    is_out = (torch.zeros(n, dtype=torch.bool, device=dev).index_fill_(0, p.outliers, True)).tolist()
 
     def run(R):
         main, outq = _LineVQ(C, R, m), (_LineVQ(Co, None, m) if Co is not None else None)
-        codes = torch.zeros(n, main.nv, dtype=torch.long)
-        rcodes = torch.zeros(n, main.nv, dtype=torch.long) if R is not None else None
-        ocodes = torch.zeros(n, outq.nv, dtype=torch.long) if outq is not None else None
+        codes = torch.zeros(n, main.nv, dtype=torch.long, device=dev)
+        rcodes = torch.zeros(n, main.nv, dtype=torch.long, device=dev) if R is not None else None
+        ocodes = torch.zeros(n, outq.nv, dtype=torch.long, device=dev) if outq is not None else None
 
         def code_column(j, w):
             if is_out[j]:
@@ -285,7 +286,7 @@ def vptq_quantize(W: torch.Tensor, H: torch.Tensor, spec: VQSpec, cfg: VPTQConfi
 
     layer = VQLinear(n, m, d, K, "out", Kr, n_out, spec.outlier_vector_len if Co is not None else 0,
                      spec.outlier_codebook_size if Co is not None else 0, cfg.norm, cfg.norm_bias,
-                     has_bias=bias is not None)
+                     has_bias=bias is not None).to(dev)
     for bname, t in (("codebook", C), ("res_codebook", R), ("outlier_codebook", Co)):
         if t is None:
             continue

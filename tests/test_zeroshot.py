@@ -167,6 +167,23 @@ def test_bos_is_explicit(rig, shared_data):
     assert Z.make_lm(lm, bos=False, batch_size=2).tok_encode(text) == lm.tokenizer.encode(text)
 
 
+def test_continuation_longer_than_context(rig):
+    """lm-eval asserts on a continuation longer than the model's context; ours is scored in
+    context-sized pieces. This model's next-token distribution depends on the last token only,
+    so the pieces must add up to the unsplit log-likelihood."""
+    from lm_eval.api.instance import Instance
+
+    _, model_a, _ = rig
+    reqs = [Instance(request_type="loglikelihood", doc={}, arguments=("xy", cont), idx=0)
+            for cont in (" aaaaaaaaaaaaaaaaaaaa", " aabaaaaaaaaaaaaaaaaa", " ab")]
+    small = Z.make_lm(model_a, bos=True, batch_size=4, max_length=8)
+    whole = Z.make_lm(model_a, bos=True, batch_size=4, max_length=64)
+    got, ref = small.loglikelihood(reqs), whole.loglikelihood(reqs)
+    assert [g for _, g in got] == [g for _, g in ref] == [False, False, False]  # " " is never greedy
+    assert [ll for ll, _ in got] == pytest.approx([ll for ll, _ in ref], rel=1e-5)
+    assert small.n_split == 2 and whole.n_split == 0
+
+
 def test_seeded_subsample():
     a = Z.subsample(1000, 50, 1234, "piqa")
     assert a == sorted(a) and len(set(a)) == 50 and a == Z.subsample(1000, 50, 1234, "piqa")
@@ -402,7 +419,8 @@ def test_default_continuation_record(compose, rig, tmp_path):
     cfg = compose(["logger=none", "eval.zeroshot.tasks=[default_continuation]", "eval.zeroshot.limit=8"])
     r = Z.evaluate_zeroshot(cfg, model_a, Cache(tmp_path), progress=False)["tasks"]["default_continuation"]
     assert r["n"] == 8 and r["n_total"] > 150 and r["source"] == "default_corpus"
-    assert {"acc", "acc_stderr", "acc_norm", "acc_norm_stderr"} <= set(r) and "perplexity" not in r
+    assert {"acc", "acc_stderr", "acc_norm", "acc_norm_stderr", "acc_mutual_info", "acc_mutual_info_stderr"} <= set(r)
+    assert "perplexity" not in r
 
 
 def test_job_records_zeroshot(tiny_cfg, tmp_path):

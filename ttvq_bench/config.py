@@ -193,6 +193,10 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError(f"model.path is required for model.kind={cfg.model.kind}")
     if cfg.model.kind == "llama2c" and not cfg.model.tokenizer:
         raise ConfigError("model.tokenizer (the SentencePiece .model file) is required for model.kind=llama2c")
+    if cfg.eval.zeroshot.tasks:  # task names and paths checked before any quantization work
+        from ttvq_bench.evaluate.zeroshot import check_config
+
+        check_config(cfg)
     for key in ("data.calib_fraction", "calib.corpus.calib_fraction"):
         v = OmegaConf.select(cfg, key)
         if not 0 < v < 1:

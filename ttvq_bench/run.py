@@ -151,7 +151,7 @@ def _quantize(cfg, lm, method, cache: Cache, record: dict, progress: bool) -> di
         path = str(cache.path("quantized", key) / "model.safetensors")
     shutil.rmtree(resume, ignore_errors=True)
     return {"source": "quantized", "checkpoint": path, "resumed_blocks": stats["resumed_blocks"],
-            "layers": stats["layers"]}
+            "layers": stats["layers"], "method_report": getattr(method, "report", dict)()}
 
 
 def _perplexity(cfg, lm, corpus, progress: bool):

@@ -92,28 +92,27 @@ def _vector_weight(weights: torch.Tensor | None, N: int, device) -> torch.Tensor
 
 
 @torch.no_grad()
-def _init_kmeanspp(x, w_vec, weights, K, g, init_sample):
+def _init_kmeanspp(x, w_vec, weights, K, g, init_sample) -> torch.Tensor:
+    """Indices of K seeds by weighted D² sampling (on a seeded subsample of init_sample rows)."""
     N = x.shape[0]
+    rows = torch.arange(N, device=x.device)
     if N > init_sample:
-        sub = torch.randperm(N, generator=g)[:init_sample].sort().values.to(x.device)
-        x, w_vec = x[sub], w_vec[sub]
-        weights = weights[sub] if weights is not None else None
-        N = init_sample
-    C = torch.empty(K, x.shape[1], device=x.device)
+        rows = torch.randperm(N, generator=g)[:init_sample].sort().values.to(x.device)
+        x, w_vec = x[rows], w_vec[rows]
+        weights = weights[rows] if weights is not None else None
+    picks = torch.empty(K, dtype=torch.long)
     p = w_vec.clamp_min(0).double()
-    first = int(torch.multinomial((p if p.sum() > 0 else torch.ones_like(p)).cpu(), 1, generator=g))
-    C[0] = x[first]
-    _, d2 = nearest(x, C[:1], weights, return_dist=True)  # already weighted
+    picks[0] = int(torch.multinomial((p if p.sum() > 0 else torch.ones_like(p)).cpu(), 1, generator=g))
+    _, d2 = nearest(x, x[picks[:1]], weights, return_dist=True)  # already weighted
     for k in range(1, K):
         p = d2.double().clamp_min(0)
         if p.sum() <= 0:  # every vector already is a centroid: fill with repeats
-            C[k:] = C[:1]
+            picks[k:] = picks[0]
             break
-        i = int(torch.multinomial(p.cpu(), 1, generator=g))
-        C[k] = x[i]
-        _, dk = nearest(x, C[k : k + 1], weights, return_dist=True)
+        picks[k] = int(torch.multinomial(p.cpu(), 1, generator=g))
+        _, dk = nearest(x, x[picks[k : k + 1]], weights, return_dist=True)
         d2 = torch.minimum(d2, dk)
-    return C
+    return rows[picks.to(x.device)]
 
 
 @torch.no_grad()
@@ -142,9 +141,15 @@ def kmeans(x: torch.Tensor, K: int, weights: torch.Tensor | None = None, *, iter
         return KMeansResult(C, labels, float(dist.sum()), 0)
 
     if init == "random":
-        C = x[torch.randperm(N, generator=g)[:K].to(x.device)].clone()
+        pick = torch.randperm(N, generator=g)[:K].to(x.device)
     else:
-        C = _init_kmeanspp(x, w_vec, weights, K, g, init_sample or max(64 * K, 4096))
+        pick = _init_kmeanspp(x, w_vec, weights, K, g, init_sample or max(64 * K, 4096))
+    C = x[pick].clone()
+    if weights is not None and weights.dim() == 2:
+        # A sampled vector's weightless entries (padding) carry no information: start them at
+        # the data's weighted mean of that entry instead, so no centroid keeps a padding value.
+        fill = (weights * x).sum(0) / weights.sum(0).clamp_min(1e-30)
+        C = torch.where(weights[pick] > 0, C, fill.expand_as(C))
 
     prev = float("inf")
     n_iter = 0

@@ -1,7 +1,8 @@
 """Zero-shot accuracy through lm-evaluation-harness, on the (quantized) model in memory, offline.
 
 The model goes to lm-eval as an `HFLM` subclass holding the very module the job quantized (never
-reloaded, never tied again), and lm-eval scores the tasks itself (`simple_evaluate`, 0-shot).
+reloaded, never tied again), and lm-eval scores the tasks itself (`lm_eval.evaluator.evaluate`,
+0-shot).
 
 Tasks (`eval.zeroshot.tasks`):
   piqa arc_easy arc_challenge hellaswag winogrande lambada_openai
@@ -24,7 +25,9 @@ Protocol (all of it in the returned dict):
 - stderr: lm-eval's closed form for a mean (`mean_stderr`) over the per-document values; no
   bootstrap (bootstrap_iters=0: it would fork a process pool for lambada's perplexity only).
 - Longer inputs than the model's context (`max_position_embeddings`) are cut from the left by
-  lm-eval; how many were is recorded per task (`n_truncated`).
+  lm-eval (`n_truncated` requests per task); a continuation that alone exceeds the context,
+  where lm-eval would stop on an assert, is scored in consecutive context-sized pieces
+  (`n_split`), i.e. its log-likelihood under the model's context limit.
 - Cache: one entry per task under `<cache_dir>/zeroshot/<key>`, key = hash of the weights in
   memory (`hash_tensors` of the state dict, so two checkpoints never share one), the model and
   tokenizer fingerprints, the rendered requests' content (documents, prompts, choices,
@@ -34,13 +37,13 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import json
 import logging
 import os
 import random
 import re
 import time
-from functools import lru_cache
 from pathlib import Path
 
 import torch
@@ -133,9 +136,10 @@ def evaluate_zeroshot(cfg, lm, cache, record: dict | None = None, progress: bool
 
 
 def _evaluate_task(hflm, name: str, task, source: str, zs, base: dict, cache) -> dict:
-    n_total = len(task.eval_docs)
+    docs = task.eval_docs  # lm-eval rebuilds these (process_docs) on every access: once here
+    n_total = len(docs)
     indices = subsample(n_total, zs.limit, zs.seed, name)
-    key = hash_obj({**base, "task": name, "content": task_content_hash(task, indices), "indices": indices})
+    key = hash_obj({**base, "task": name, "content": task_content_hash(task, indices, docs), "indices": indices})
     entry = cache.path(CACHE_KIND, key) / "result.json"
     if cache.has(CACHE_KIND, key):
         res = json.loads(entry.read_text())
@@ -157,10 +161,10 @@ def subsample(n: int, limit: int | None, seed: int, name: str) -> list[int] | No
     return sorted(random.Random(f"{seed}/{name}").sample(range(n), limit))
 
 
-def task_content_hash(task, indices: list[int] | None) -> str:
+def task_content_hash(task, indices: list[int] | None, docs=None) -> str:
     """Hash of what the task asks on the selected documents: prompt, choices, target, and the
     config fields that shape the requests and the metrics."""
-    docs = task.eval_docs
+    docs = task.eval_docs if docs is None else docs
     idx = range(len(docs)) if indices is None else indices
     c = task.config
     rows = []
@@ -185,23 +189,24 @@ def run_task(hflm, task, indices: list[int] | None) -> dict:
 
     name = task.task_name
     task.set_config(key="num_fewshot", value=0)
-    hflm.n_truncated = 0
+    hflm.n_truncated = hflm.n_split = 0
     out = evaluate(lm=hflm, task_dict=_task_manager(()).load([task]), bootstrap_iters=0, log_samples=True,
                    samples={name: indices} if indices is not None else None)
     metrics = out["results"][name]
     samples = out["samples"][name]
     res: dict = {"n": int(out["n-samples"][name]["effective"])}
-    for m in ("acc", "acc_norm"):
+    for m in ("acc", "acc_norm", "acc_mutual_info"):
         if f"{m},none" in metrics:
             values = [float(s[m]) for s in samples]
             res[m] = float(metrics[f"{m},none"])
-            res[f"{m}_stderr"] = float(mean_stderr(values)) if len(values) > 1 else float("nan")
+            res[f"{m}_stderr"] = float(mean_stderr(values)) if len(values) > 1 else None
     if "perplexity,none" in metrics:
         res["perplexity"] = float(metrics["perplexity,none"])
     if "acc" not in res:
         raise ConfigError(f"zero-shot task {name!r} reports no acc (metrics: {sorted(metrics)})")
     res["task_version"] = out["versions"].get(name)
-    res["n_truncated"] = hflm.n_truncated
+    res["n_truncated"] = hflm.n_truncated  # requests whose context was cut from the left
+    res["n_split"] = hflm.n_split  # requests whose continuation alone exceeded the context
     return res
 
 
@@ -209,7 +214,7 @@ def run_task(hflm, task, indices: list[int] | None) -> dict:
 # tasks
 
 
-@lru_cache(maxsize=4)
+@functools.lru_cache(maxsize=4)
 def _task_manager(include: tuple[str, ...], defaults: bool = False, task_data: str | None = None):
     from lm_eval.tasks import TaskManager
 
@@ -282,7 +287,7 @@ def make_lm(lm, bos: bool, batch_size: int, progress: bool = True, max_length: i
     return _lm_class()(lm.model, copy.deepcopy(tok), bos_id, batch_size, max_length, progress)
 
 
-@lru_cache(maxsize=1)
+@functools.lru_cache(maxsize=1)
 def _lm_class():
     from lm_eval.models.huggingface import HFLM
 
@@ -290,7 +295,7 @@ def _lm_class():
         """HFLM on a model object; BOS is ours to decide, the model is left exactly as given."""
 
         def __init__(self, model, tokenizer, bos_id, batch_size, max_length, progress):
-            self.bos_id, self.progress, self.n_truncated = bos_id, progress, 0
+            self.bos_id, self.progress, self.n_truncated, self.n_split = bos_id, progress, 0, 0
             # HFLM.__init__ calls model.tie_weights(): a quantized head must not be re-tied.
             model.tie_weights = lambda *a, **k: None
             try:
@@ -306,13 +311,32 @@ def _lm_class():
             return ids[-left_truncate_len:] if left_truncate_len else ids
 
         def _loglikelihood_tokens(self, requests, disable_tqdm=False, override_bs=None):
-            longest = max((len(x) for _, _, x in requests), default=0)
-            if longest > self.max_length:  # lm-eval would stop on a bare assert
-                raise DataError(f"a continuation of {longest} tokens is longer than the model's context "
-                                f"({self.max_length} tokens): this task cannot be scored on this model")
-            self.n_truncated += sum(len(c) + len(x) > self.max_length + 1 for _, c, x in requests)
-            return super()._loglikelihood_tokens(requests, disable_tqdm=disable_tqdm or not self.progress,
-                                                 override_bs=override_bs)
+            """lm-eval's scoring, plus continuations longer than the context (lm-eval stops on an
+            assert there): scored in consecutive pieces of at most max_length tokens, each seeing
+            as much of what precedes it as fits, so the sum is the continuation's log-likelihood
+            under the model's context limit, as for any input cut from the left."""
+            L = self.max_length
+            flat, owner = [], []
+            for i, (req, ctx, cont) in enumerate(requests):
+                if len(cont) <= L:
+                    flat.append((req, ctx, cont))
+                    owner.append(i)
+                    self.n_truncated += len(ctx) + len(cont) > L + 1
+                    continue
+                self.n_split += 1
+                toks = ctx + cont
+                for a in range(len(ctx), len(toks), L):
+                    b = min(a + L, len(toks))
+                    start = max(0, b - L - 1)
+                    flat.append((None, toks[start:a], toks[a:b]))  # None: not a whole request
+                    owner.append(i)
+            out = super()._loglikelihood_tokens(flat, disable_tqdm=disable_tqdm or not self.progress,
+                                                override_bs=override_bs)
+            res = [[0.0, True] for _ in requests]
+            for i, (ll, greedy) in zip(owner, out):
+                res[i][0] += ll
+                res[i][1] = res[i][1] and greedy
+            return [(ll, greedy) for ll, greedy in res]
 
         def loglikelihood(self, requests, disable_tqdm=False):
             return super().loglikelihood(requests, disable_tqdm=disable_tqdm or not self.progress)
@@ -379,9 +403,15 @@ def _quiet(progress: bool):
         lg.addFilter(filt)
     bars = datasets.is_progress_bar_enabled()
     datasets.disable_progress_bars()
+    import lm_eval.api.task as lm_task
+
+    task_tqdm = lm_task.tqdm  # its "building contexts" bar takes no disable flag
+    if not progress:
+        lm_task.tqdm = functools.partial(task_tqdm, disable=True)
     try:
         yield
     finally:
+        lm_task.tqdm = task_tqdm
         if bars:
             datasets.enable_progress_bars()
         root.setLevel(level)

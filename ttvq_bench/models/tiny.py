@@ -74,11 +74,8 @@ def cache_key(cfg: TinyModelConfig) -> str:
     )
 
 
-def load_tiny(cfg: TinyModelConfig | None = None, cache: Cache | None = None, progress: bool = True) -> LoadedModel:
-    """Train (first time, ~3 min) or load from `cache` the default tiny Llama."""
-    cfg = cfg or TinyModelConfig()
-    if cache is None:
-        raise ValueError("load_tiny needs a Cache to store the trained model in")
+def load_tiny(cfg: TinyModelConfig, cache: Cache, progress: bool = True) -> LoadedModel:
+    """Load the tiny Llama of `cfg` from `cache`, training it first when missing (~3 min)."""
     key = cache_key(cfg)
     path = cache.get_or_create(CACHE_KIND, key, lambda tmp: _build_entry(cfg, tmp, progress))
     return _load_entry(path)

@@ -1,0 +1,357 @@
+"""Distillation loops shared by the methods that train after quantizing: "train these
+parameters of this block (or this model) to match these targets". Method-agnostic: the caller
+says which parameters train at which learning rate and may pass an `on_step` hook (TTVQ
+re-chooses its indices there); this module knows nothing about quantized layers.
+
+Block-wise (`distill_block`): the student is one decoder block; its inputs are the block
+loop's calibration activations (from the already-quantized blocks before it, or the
+full-precision model's, as the caller chooses) and the targets are the teacher's outputs on
+whatever the caller picked (the block loop gives the full-precision block's outputs on the
+same inputs). Loss: the mean squared error of the block outputs. Memory: one block plus its
+activations; no gradient ever leaves the block.
+
+End-to-end (`distill_model`): the student is the whole model; the loss is the KL divergence
+KL(teacher ‖ student) of the next-token distributions at every position of the calibration
+windows, with the teacher's log-probabilities computed once (`teacher_logprobs`, fp16) or,
+when they would not fit in `max_cache_mb`, on the fly by a teacher module.
+
+Both loops: the calibration windows are split once into training and held-out windows
+(`val_fraction`, the last windows after a seeded shuffle), Adam on the given parameter groups
+(each group may carry its own lr), a cosine decay of every lr to `min_lr_ratio` of its start,
+shuffled minibatches each epoch, optional gradient-norm clipping, and the held-out loss
+measured before training and after every epoch; `keep_best` restores the state with the
+lowest held-out loss (the state before training included), so a stage never leaves the
+student worse on held-out data than it found it. The returned dict reports the losses before
+and after (train and held-out), the number of steps and the wall time.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 10
+    batch_size: int = 8
+    val_fraction: float = 0.1  # held-out windows (0: none; keep_best then uses the training loss)
+    min_lr_ratio: float = 0.1  # cosine decay to this fraction of each group's lr (1: constant)
+    grad_clip: float = 0.0  # max gradient norm (0: off)
+    keep_best: bool = True
+    seed: int = 0
+    betas: tuple[float, float] = (0.9, 0.95)
+
+
+# -- data helpers ---------------------------------------------------------------------------------
+def split_windows(n: int, val_fraction: float, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Seeded split of n windows into (train, held-out) index tensors; at least one training
+    window; held-out may be empty."""
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    n_val = min(n - 1, int(round(val_fraction * n))) if val_fraction > 0 else 0
+    return perm[: n - n_val].sort().values, perm[n - n_val:].sort().values
+
+
+def block_kwargs(kwargs_by_bs: dict[int, dict], n: int) -> dict:
+    """The kwargs a block needs for a batch of n windows (rotary embeddings, mask). The block
+    loop captures them per batch size it saw; for another size, tensors whose leading dim is
+    that batch size are cut or expanded along it (those with leading dim 1 broadcast)."""
+    if n in kwargs_by_bs:
+        return kwargs_by_bs[n]
+    bs, kw = max(kwargs_by_bs.items())
+
+    def fit(v):
+        if torch.is_tensor(v) and v.dim() and v.shape[0] == bs and bs > 1:
+            return v[:1].expand(n, *v.shape[1:]) if n > bs else v[:n]
+        if isinstance(v, tuple):
+            return tuple(fit(t) for t in v)
+        return v
+
+    return {k: fit(v) for k, v in kw.items()}
+
+
+def _out(y):
+    return y[0] if isinstance(y, tuple) else y
+
+
+def _param_list(param_groups: list[dict]) -> list[nn.Parameter]:
+    seen, out = set(), []
+    for g in param_groups:
+        for p in g["params"]:
+            if id(p) not in seen:
+                seen.add(id(p))
+                out.append(p)
+    return out
+
+
+def _dedupe_groups(param_groups: list[dict]) -> list[dict]:
+    """Drop empty groups and parameters already in an earlier group (a shared codebook listed
+    by several layers is one parameter)."""
+    seen, out = set(), []
+    for g in param_groups:
+        ps = []
+        for p in g["params"]:
+            if id(p) not in seen:
+                seen.add(id(p))
+                ps.append(p)
+        if ps and g.get("lr", 1.0) > 0:
+            out.append({**g, "params": ps})
+    return out
+
+
+class _Snapshot:
+    """Copies of tensors (parameters and buffers) to restore the best state."""
+
+    def __init__(self, tensors: list[torch.Tensor]):
+        self.tensors = tensors
+        self.saved = [t.detach().clone() for t in tensors]
+
+    @torch.no_grad()
+    def restore(self) -> None:
+        for t, s in zip(self.tensors, self.saved):
+            t.copy_(s)
+
+
+# -- the shared loop -------------------------------------------------------------------------------
+def _train(module: nn.Module, param_groups: list[dict], n_train: int, step_loss: Callable[[torch.Tensor], torch.Tensor],
+           eval_loss: Callable[[], tuple[float, float]], tc: TrainConfig, state: Callable[[], list[torch.Tensor]],
+           on_step: Callable[[int], None] | None, on_epoch: Callable[[int], None] | None, desc: str) -> dict:
+    groups = _dedupe_groups(param_groups)
+    params = _param_list(groups)
+    t0 = time.time()
+    train0, val0 = eval_loss()
+    res = {"train_before": train0, "val_before": val0, "steps": 0, "epochs": 0,
+           "n_params": sum(p.numel() for p in params), "history": []}
+    if not params or tc.epochs <= 0:
+        res.update(train_after=train0, val_after=val0, best_epoch=0, seconds=round(time.time() - t0, 3))
+        return res
+    # Only the given parameters train: every other parameter of the module is frozen meanwhile.
+    trained = {id(p) for p in params}
+    others = [p for p in module.parameters() if id(p) not in trained]
+    flags = [p.requires_grad for p in params] + [p.requires_grad for p in others]
+    for p in params:
+        p.requires_grad_(True)
+    for p in others:
+        p.requires_grad_(False)
+    opt = torch.optim.Adam(groups, betas=tc.betas)
+    for g in opt.param_groups:
+        g["lr0"] = g["lr"]
+    steps_per_epoch = math.ceil(n_train / tc.batch_size)
+    total = steps_per_epoch * tc.epochs
+    use_val = not math.isnan(val0)
+
+    def crit(tr, va):
+        return va if use_val else tr
+
+    best = crit(train0, val0)
+    snap = _Snapshot(state()) if tc.keep_best else None
+    best_epoch = 0
+    g = torch.Generator().manual_seed(tc.seed)
+    step = 0
+    try:
+        with torch.enable_grad():
+            for epoch in range(1, tc.epochs + 1):
+                order = torch.randperm(n_train, generator=g)
+                tot, cnt = 0.0, 0
+                for s in range(0, n_train, tc.batch_size):
+                    frac = step / max(total, 1)
+                    mult = tc.min_lr_ratio + (1 - tc.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * frac))
+                    for pg in opt.param_groups:
+                        pg["lr"] = pg["lr0"] * mult
+                    loss = step_loss(order[s : s + tc.batch_size])
+                    opt.zero_grad(set_to_none=True)
+                    loss.backward()
+                    if tc.grad_clip > 0:
+                        torch.nn.utils.clip_grad_norm_(params, tc.grad_clip)
+                    opt.step()
+                    step += 1
+                    tot += float(loss.detach())
+                    cnt += 1
+                    if on_step is not None:
+                        on_step(step)
+                if on_epoch is not None:
+                    on_epoch(epoch)
+                tr, va = eval_loss()
+                res["history"].append({"epoch": epoch, "step_loss": tot / max(cnt, 1), "train": tr, "val": va})
+                log.info("%s epoch %d: train %.5g  val %.5g", desc, epoch, tr, va)
+                if crit(tr, va) < best:
+                    best, best_epoch = crit(tr, va), epoch
+                    if snap is not None:
+                        snap = _Snapshot(state())
+    finally:
+        for p, f in zip(params + others, flags):
+            p.requires_grad_(f)
+            p.grad = None
+    if snap is not None and best_epoch != tc.epochs:
+        snap.restore()
+    tr, va = eval_loss() if best_epoch != tc.epochs else (res["history"][-1]["train"], res["history"][-1]["val"])
+    res.update(train_after=tr, val_after=va, steps=step, epochs=tc.epochs, best_epoch=best_epoch,
+               seconds=round(time.time() - t0, 3))
+    return res
+
+
+def _default_state(module: nn.Module, params: list[nn.Parameter]) -> Callable[[], list[torch.Tensor]]:
+    """What keep_best snapshots: the trained parameters and the module's integer buffers (the
+    discrete state a hook may change, e.g. VQ indices)."""
+
+    def state():
+        ints = [b for b in module.buffers() if not b.is_floating_point()]
+        return _param_list([{"params": params}]) + ints
+
+    return state
+
+
+# -- block-wise -------------------------------------------------------------------------------------
+@torch.no_grad()
+def block_mse(block: nn.Module, hidden: torch.Tensor, targets: torch.Tensor, kwargs_by_bs: dict,
+              idx: torch.Tensor | None = None, batch_size: int = 8) -> float:
+    """Mean squared error of block(hidden[idx]) against targets[idx] (NaN when idx is empty)."""
+    idx = torch.arange(len(hidden)) if idx is None else idx
+    if idx.numel() == 0:
+        return float("nan")
+    tot, n = 0.0, 0
+    for s in range(0, idx.numel(), batch_size):
+        b = idx[s : s + batch_size]
+        y = _out(block(hidden[b], **block_kwargs(kwargs_by_bs, len(b))))
+        tot += float(((y.float() - targets[b].float()) ** 2).sum())
+        n += y.numel()
+    return tot / n
+
+
+def distill_block(block: nn.Module, hidden: torch.Tensor, targets: torch.Tensor, kwargs_by_bs: dict,
+                  param_groups: list[dict], tc: TrainConfig, *, on_step: Callable[[int], None] | None = None,
+                  on_epoch: Callable[[int], None] | None = None, state: Callable[[], list[torch.Tensor]] | None = None,
+                  desc: str = "block") -> dict:
+    """Train `param_groups` ([{"params": [...], "lr": ...}, ...]) of `block` so that
+    block(hidden) matches `targets` (MSE). Returns losses before/after (train and held-out),
+    steps, seconds (see the module docstring)."""
+    tr_idx, va_idx = split_windows(len(hidden), tc.val_fraction, tc.seed)
+    was_training = block.training
+    block.train()
+
+    def step_loss(sel):
+        b = tr_idx[sel]
+        y = _out(block(hidden[b], **block_kwargs(kwargs_by_bs, len(b))))
+        return F.mse_loss(y.float(), targets[b].float())
+
+    def eval_loss():
+        block.eval()
+        try:
+            return (block_mse(block, hidden, targets, kwargs_by_bs, tr_idx, tc.batch_size),
+                    block_mse(block, hidden, targets, kwargs_by_bs, va_idx, tc.batch_size))
+        finally:
+            block.train()
+
+    params = _param_list(param_groups)
+    try:
+        res = _train(block, param_groups, len(tr_idx), step_loss, eval_loss, tc, state or _default_state(block, params),
+                     on_step, on_epoch, desc)
+    finally:
+        block.train(was_training)
+    res.update(n_train=int(tr_idx.numel()), n_val=int(va_idx.numel()))
+    return res
+
+
+# -- end-to-end -------------------------------------------------------------------------------------
+def _logits(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    return model(input_ids=ids, use_cache=False).logits
+
+
+@torch.no_grad()
+def teacher_logprobs(teacher: nn.Module, ids: torch.Tensor, batch_size: int = 8,
+                     dtype: torch.dtype = torch.float16) -> torch.Tensor:
+    """log softmax of the teacher's logits on every window, (n, seqlen, vocab) in `dtype`."""
+    was = teacher.training
+    teacher.eval()
+    out = [F.log_softmax(_logits(teacher, ids[i : i + batch_size]).float(), -1).to(dtype)
+           for i in range(0, len(ids), batch_size)]
+    teacher.train(was)
+    return torch.cat(out)
+
+
+def kl_loss(student_logits: torch.Tensor, teacher_lp: torch.Tensor) -> torch.Tensor:
+    """Mean over positions of KL(teacher ‖ student). The teacher's log-probs are renormalised
+    (they may be stored in fp16)."""
+    s = F.log_softmax(student_logits.float(), -1)
+    t = F.log_softmax(teacher_lp.float(), -1)
+    return (t.exp() * (t - s)).sum(-1).mean()
+
+
+def distill_model(student: nn.Module, ids: torch.Tensor, param_groups: list[dict], tc: TrainConfig, *,
+                  teacher: nn.Module | None = None, teacher_lp: torch.Tensor | None = None,
+                  max_cache_mb: float = 2048, on_step: Callable[[int], None] | None = None,
+                  on_epoch: Callable[[int], None] | None = None, state: Callable[[], list[torch.Tensor]] | None = None,
+                  desc: str = "e2e") -> dict:
+    """Train `param_groups` of `student` to match the teacher's next-token distributions
+    (KL) on the calibration windows `ids` (n, seqlen). Give the teacher module or its
+    precomputed log-probs."""
+    tr_idx, va_idx = split_windows(len(ids), tc.val_fraction, tc.seed)
+    if teacher_lp is None:
+        if teacher is None:
+            raise ValueError("distill_model needs a teacher module or teacher log-probs")
+        mb = ids.numel() * _vocab(teacher, ids) * 2 / 2**20
+        if mb <= max_cache_mb:
+            teacher_lp = teacher_logprobs(teacher, ids, tc.batch_size)
+
+    def target(b):
+        if teacher_lp is not None:
+            return teacher_lp[b]
+        with torch.no_grad():
+            return F.log_softmax(_logits(teacher, ids[b]).float(), -1)
+
+    params = _param_list(param_groups)
+    was_training = student.training
+    student.train()
+
+    def step_loss(sel):
+        b = tr_idx[sel]
+        return kl_loss(_logits(student, ids[b]), target(b))
+
+    @torch.no_grad()
+    def mean_kl(idx):
+        if idx.numel() == 0:
+            return float("nan")
+        tot = 0.0
+        for s in range(0, idx.numel(), tc.batch_size):
+            b = idx[s : s + tc.batch_size]
+            tot += float(kl_loss(_logits(student, ids[b]), target(b))) * len(b)
+        return tot / idx.numel()
+
+    def eval_loss():
+        student.eval()
+        try:
+            return mean_kl(tr_idx), mean_kl(va_idx)
+        finally:
+            student.train()
+
+    try:
+        res = _train(student, param_groups, len(tr_idx), step_loss, eval_loss, tc,
+                     state or _default_state(student, params), on_step, on_epoch, desc)
+    finally:
+        student.train(was_training)
+    res.update(n_train=int(tr_idx.numel()), n_val=int(va_idx.numel()), teacher_cached=teacher_lp is not None)
+    return res
+
+
+def _vocab(model: nn.Module, ids: torch.Tensor) -> int:
+    cfg = getattr(model, "config", None)
+    v = getattr(cfg, "vocab_size", None)
+    if v:
+        return int(v)
+    with torch.no_grad():
+        return int(_logits(model, ids[:1]).shape[-1])
+
+
+def trainable_fraction(params: list[nn.Parameter], total: int) -> dict:
+    """How many parameters train (unique tensors), against `total` (the caller's reference
+    count, e.g. the full-precision model's parameters)."""
+    n = sum(p.numel() for p in _param_list([{"params": params}]))
+    return {"trainable": n, "total": int(total), "fraction": n / max(int(total), 1)}

@@ -1,0 +1,471 @@
+"""TTVQ: trainable vector quantization with latent-guided index updates, block-wise
+distillation and parameter-efficient fine-tuning (the project's headline method, issue 5).
+
+What it does. Every decoder-block linear is a set of d-dimensional vectors (VQLinear geometry:
+vectors along the output dimension, "lines" = input columns, as VPTQ). The layer always
+computes with the quantized weight Ŵ = C[I] (times its norm scales); during optimisation
+three things change: the discrete indices I, a continuous latent weight W (the normalised
+full-precision weight at the start) and the codebook C. Gradients reach W by the
+straight-through estimator and C exactly; every `update_period` optimizer steps each latent
+vector takes its nearest codeword (optionally only the `update_fraction` of vectors whose
+change gains the most). After training only C, I and the scales are kept (vq/trainable.py).
+
+Pipeline, per run:
+  0. initialisation (`init`): every linear is quantized by an existing VQ method inside the
+     block loop, on the inputs coming from TTVQ's own already-trained blocks:
+       kmeans -- Hessian-diagonal-weighted k-means codebook, each vector to its nearest
+                 codeword (VPTQ's machinery with second_order=false);
+       vptq   -- VPTQ (same codebook, GPTQ-style second-order assignment);
+       aqlm   -- not implemented yet: a ConfigError. `INITS` is the registry; AQLM-style is
+                 one entry there once its method exists.
+     Shared codebooks (codebook_scope block/model) are fitted before the block loop by the
+     init method's `prepare_model` (vq/codebook.py).
+  1. block-wise distillation (`blockwise`, methods/distill.py): right after a block's linears
+     are initialised, the block is trained to match the teacher's block outputs (MSE): the
+     latent, the block's own codebooks, the norm scales and the block's RMSNorm weights, with
+     index updates from the latent. Blocks go in sequence; the student's inputs are the
+     outputs of the already-quantized blocks before it (`block_inputs: quantized`) or the
+     full-precision model's (`fp`); the teacher is the full-precision block, on the same
+     inputs (`block_targets: block`) or the full-precision model's own hidden state after
+     the block (`model`: the teacher's trajectory, which also asks the block to undo the
+     error its inputs carry). No gradient crosses blocks; memory is one block and its
+     activations (plus, with `fp` inputs or `model` targets, the full-precision activations
+     of every block, computed once before the loop).
+  2. PEFT (`peft`): end-to-end distillation, KL(full-precision model ‖ quantized model) of
+     the next-token distributions on the calibration windows, training only `peft_params`
+     (codebooks, norm scales, RMSNorm weights; LoRA adapters when `lora_rank` > 0, off by
+     default). Indices are fixed in this stage. The record states the trainable fraction
+     (trained tensors over the full-precision model's parameter count).
+
+Choices where the issue is open (each a documented default, most of them toggles):
+  * The latent lives in the *normalised* domain: W_n = (W - norm_bias) / norm_scale per line
+    (the quantity the codebook approximates), so a change of scale does not move it.
+  * `update_fraction` ranks vectors by gain: the decrease of the latent vector's squared
+    distance to its quantized value if it switched (PV-tuning's max_code_change_per_step).
+  * `index_update: gradient` keeps the same optimizer, learning rates and period as
+    `latent`, but puts the latent back on Ŵ after every index update (and at the start):
+    the indices are re-chosen from Ŵ minus the optimizer steps of one period (one step with
+    update_period 1), with no memory across periods.
+  * A codebook shared beyond a block (codebook_scope model) is frozen during block-wise
+    distillation (training it there would change blocks already finished and passed on) and
+    trained in the PEFT stage; block- and layer-scope codebooks train in both stages.
+    `codebook: frozen` freezes every codebook in every stage (bit-identical at the end).
+  * Each stage keeps its best state on held-out calibration windows (`val_fraction`), so a
+    stage never makes the held-out loss worse.
+  * The init is recomputed inside TTVQ's block loop (not read from a VPTQ checkpoint): block
+    b's init sees the inputs of TTVQ's trained blocks before it, as a sequential method
+    should; Hessians and calibration windows come from the shared cache.
+  * Shape table (`TTVQ_TABLE`, model scope): bits 2 -> d=4, K=256; bits 3 -> d=4, K=1024
+    (2.5 index bits + a shared codebook of 0.29 bpw on stories260K: the 3-bit row stays
+    within 3.0 bpw with per-column scales). Other scopes use VPTQ's table
+    (vq/bits_table.py). Non-zero vector_len / codebook_size override the table.
+
+Toggles (all sweepable, conf/method/ttvq.yaml): index_update latent|frozen|gradient,
+codebook trainable|frozen, init kmeans|vptq(|aqlm), blockwise, peft, block_inputs,
+block_targets, block_epochs, peft_epochs, the learning rates, batch sizes, update_period,
+update_fraction, lora_rank, codebook_scope and the VQ shape.
+"""
+from __future__ import annotations
+
+import copy
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Callable, List
+
+import torch
+from torch import nn
+
+from ttvq_bench.errors import ConfigError
+from ttvq_methods.base import Method
+from ttvq_methods.blockwise import BlockInputs, decoder_layers, run_block
+from ttvq_methods.checkpoint import set_module
+from ttvq_methods.distill import TrainConfig, distill_block, distill_model, trainable_fraction
+from ttvq_methods.registry import register_method
+from ttvq_methods.vptq import VPTQ, VPTQConfig
+from ttvq_methods.vq.bits_table import VQSpec, vptq_spec
+from ttvq_methods.vq.codebook import SCOPES
+from ttvq_methods.vq.layer import NORMS, VQLinear
+from ttvq_methods.vq.trainable import TrainableVQ
+
+log = logging.getLogger(__name__)
+
+INDEX_UPDATES = ("latent", "frozen", "gradient")
+CODEBOOK_MODES = ("trainable", "frozen")
+PEFT_PARAMS = ("codebook", "scale", "norm")
+
+# (scope, bits) -> (vector_len, codebook_size); see the module docstring. Missing: VPTQ's table.
+TTVQ_TABLE: dict[tuple[str, int], tuple[int, int]] = {
+    ("model", 2): (4, 256),
+    ("model", 3): (4, 1024),
+}
+
+
+@dataclass
+class TTVQConfig:
+    name: str = "ttvq"
+    # -- the method's three switches -----------------------------------------------------------
+    index_update: str = "latent"  # latent | frozen | gradient
+    codebook: str = "trainable"  # trainable | frozen
+    init: str = "vptq"  # kmeans | vptq (aqlm once AQLM-style exists)
+    # -- VQ shape (0: from the table) ---------------------------------------------------------
+    codebook_scope: str = "model"  # layer | block | model
+    vector_len: int = 0
+    codebook_size: int = 0
+    residual: bool = False
+    res_codebook_size: int = 0
+    outlier_percent: float = 0.0
+    norm: str = "line"  # none | tensor | line (per input column, fp16 scale)
+    norm_bias: bool = False
+    # -- initialisation knobs (passed to the init method) --------------------------------------
+    hessian_kmeans: bool = True
+    kmeans_iters: int = 100
+    kmeans_seed: int = 0
+    percdamp: float = 0.01
+    # -- index updates -------------------------------------------------------------------------
+    update_period: int = 10  # optimizer steps between index updates
+    update_fraction: float = 1.0  # at most this fraction of vectors change per update
+    latent_init: str = "fp"  # fp (the full-precision weight) | quantized (Ŵ, PV-tuning's buffers)
+    # -- stage 1: block-wise distillation ------------------------------------------------------
+    blockwise: bool = True
+    block_inputs: str = "quantized"  # quantized (outputs of the quantized prefix) | fp
+    block_targets: str = "block"  # block (FP block on the student's inputs) | model (FP hidden states)
+    block_epochs: int = 20
+    block_batch_size: int = 8
+    block_norms: bool = True  # train the block's RMSNorm weights too
+    lr_latent: float = 1e-3
+    lr_codebook: float = 1e-4
+    lr_scale: float = 1e-4
+    lr_norm: float = 1e-4
+    # -- stage 2: PEFT (end-to-end KL) ---------------------------------------------------------
+    peft: bool = True
+    peft_epochs: int = 10
+    peft_batch_size: int = 8
+    peft_params: List[str] = field(default_factory=lambda: ["codebook", "scale", "norm"])
+    peft_lr_codebook: float = 1e-4
+    peft_lr_scale: float = 1e-4
+    peft_lr_norm: float = 1e-4
+    lora_rank: int = 0  # > 0: LoRA adapters added and trained in PEFT (stored fp16, counted in bpw)
+    peft_lr_lora: float = 1e-4
+    # -- both stages ---------------------------------------------------------------------------
+    val_fraction: float = 0.1  # held-out calibration windows (keep-best, reported losses)
+    min_lr_ratio: float = 0.1  # cosine decay floor
+    grad_clip: float = 0.0
+    seed: int = 0
+    true_sequential: bool = True  # consumed by the block loop (Hessians for the init)
+
+
+def ttvq_spec(bits: int, cfg: TTVQConfig) -> VQSpec:
+    if (cfg.codebook_scope, bits) in TTVQ_TABLE and not cfg.residual:
+        d, K = TTVQ_TABLE[(cfg.codebook_scope, bits)]
+        return vptq_spec(bits, cfg.codebook_scope, False, cfg.vector_len or d, cfg.codebook_size or K,
+                         0, cfg.outlier_percent)
+    return vptq_spec(bits, cfg.codebook_scope, cfg.residual, cfg.vector_len, cfg.codebook_size,
+                     cfg.res_codebook_size, cfg.outlier_percent)
+
+
+# -- initialisation registry: name -> (cfg, bits, spec) -> a Method whose quantize_layer returns a
+# VQLinear (and optionally prepare_model / finalize). AQLM-style plugs in here.
+def _vptq_init(second_order: bool) -> Callable[[TTVQConfig, int, VQSpec], Method]:
+    def make(cfg: TTVQConfig, bits: int, spec: VQSpec) -> Method:
+        vcfg = VPTQConfig(codebook_scope=cfg.codebook_scope, vector_len=spec.vector_len,
+                          codebook_size=spec.codebook_size, residual=bool(spec.res_codebook_size),
+                          res_codebook_size=spec.res_codebook_size, outlier_percent=spec.outlier_percent,
+                          outlier_vector_len=spec.outlier_vector_len,
+                          outlier_codebook_size=spec.outlier_codebook_size or (-1 if spec.outlier_percent else 0),
+                          norm=cfg.norm, norm_bias=cfg.norm_bias, hessian_kmeans=cfg.hessian_kmeans,
+                          second_order=second_order, percdamp=cfg.percdamp, kmeans_iters=cfg.kmeans_iters,
+                          kmeans_seed=cfg.kmeans_seed, finetune=False, true_sequential=cfg.true_sequential)
+        return VPTQ(vcfg, bits)
+
+    return make
+
+
+INITS: dict[str, Callable[[TTVQConfig, int, VQSpec], Method]] = {
+    "kmeans": _vptq_init(second_order=False),
+    "vptq": _vptq_init(second_order=True),
+}
+PLANNED_INITS = {"aqlm": "the AQLM-style method does not exist yet"}
+
+
+def _check(cfg: TTVQConfig) -> None:
+    def one_of(key, val, allowed):
+        if val not in allowed:
+            raise ConfigError(f"ttvq: method.{key}={val!r} is not one of {list(allowed)}")
+
+    if cfg.init in PLANNED_INITS:
+        raise ConfigError(f"ttvq: method.init={cfg.init!r} is not implemented ({PLANNED_INITS[cfg.init]}); "
+                          f"implemented: {sorted(INITS)}")
+    one_of("init", cfg.init, INITS)
+    one_of("index_update", cfg.index_update, INDEX_UPDATES)
+    one_of("codebook", cfg.codebook, CODEBOOK_MODES)
+    one_of("codebook_scope", cfg.codebook_scope, SCOPES)
+    one_of("norm", cfg.norm, NORMS)
+    one_of("latent_init", cfg.latent_init, ("fp", "quantized"))
+    one_of("block_inputs", cfg.block_inputs, ("quantized", "fp"))
+    one_of("block_targets", cfg.block_targets, ("block", "model"))
+    for p in cfg.peft_params:
+        one_of("peft_params[]", p, PEFT_PARAMS)
+    if cfg.update_period < 1:
+        raise ConfigError(f"ttvq: method.update_period={cfg.update_period} must be >= 1")
+    if not 0 < cfg.update_fraction <= 1:
+        raise ConfigError(f"ttvq: method.update_fraction={cfg.update_fraction} must be in (0, 1]")
+    if not 0 <= cfg.val_fraction < 1:
+        raise ConfigError(f"ttvq: method.val_fraction={cfg.val_fraction} must be in [0, 1)")
+    for key in ("block_epochs", "peft_epochs", "lora_rank"):
+        if getattr(cfg, key) < 0:
+            raise ConfigError(f"ttvq: method.{key}={getattr(cfg, key)} must be >= 0")
+    for key in ("block_batch_size", "peft_batch_size"):
+        if getattr(cfg, key) < 1:
+            raise ConfigError(f"ttvq: method.{key}={getattr(cfg, key)} must be >= 1")
+
+
+def _norm_params(module: nn.Module) -> list[nn.Parameter]:
+    """RMSNorm/LayerNorm weights (by class name, as vq/finetune.py)."""
+    return [p for m in module.modules() if "Norm" in type(m).__name__ for p in m.parameters(recurse=False)]
+
+
+def _vq_layers(module: nn.Module, kind: type) -> dict[str, nn.Module]:
+    return {n: m for n, m in module.named_modules() if isinstance(m, kind)}
+
+
+CODEBOOK_NAMES = ("codebook", "res_codebook", "outlier_codebook")
+
+
+def _to_trainable(root: nn.Module, weights: dict[str, torch.Tensor | None], lora_rank: int = 0,
+                  seed: int = 0) -> tuple[dict[str, TrainableVQ], dict[int, torch.Tensor]]:
+    """Replace the VQLinear layers named in `weights` (relative to root) by TrainableVQ layers
+    (latent from the given weight, or none). Codebooks shared among them become one Parameter.
+    Returns the layers and id(shared Parameter) -> the fp16 tensor it came from."""
+    shared: dict[int, nn.Parameter] = {}
+    orig: dict[int, torch.Tensor] = {}
+    tl: dict[str, TrainableVQ] = {}
+    for n, w in weights.items():
+        q = root.get_submodule(n)
+        t = TrainableVQ.from_stored(q, w, shared=shared, lora_rank=lora_rank, seed=seed)
+        for name in CODEBOOK_NAMES:
+            if name in q.shared:
+                orig.setdefault(id(getattr(t, name)), q._buffers[name])
+        tl[n] = t
+        set_module(root, n, t)
+    return tl, orig
+
+
+def _to_stored(root: nn.Module, tl: dict[str, TrainableVQ], orig: dict[int, torch.Tensor]) -> None:
+    """Put the stored form of every trained layer back (float tensors rounded to fp16, no
+    latent). A shared codebook whose value did not change keeps its original fp16 tensor, so
+    it stays the tensor that layers outside `root` (other blocks) hold; a changed one becomes
+    one new tensor for all its members here."""
+    stored: dict[int, torch.Tensor] = {}
+    for n, t in tl.items():
+        t.round_to_storage()
+        for name in CODEBOOK_NAMES:
+            p = getattr(t, name, None)
+            o = orig.get(id(p)) if isinstance(p, nn.Parameter) else None
+            if o is not None and id(p) not in stored and torch.equal(p.detach().half(), o):
+                stored[id(p)] = o
+        set_module(root, n, t.to_stored(stored))
+
+
+@register_method("ttvq", TTVQConfig)
+class TTVQ(Method):
+    needs_hessian = True  # the inits (VPTQ's machinery) use the layer Hessians
+
+    def __init__(self, cfg: TTVQConfig, bits: int):
+        super().__init__(cfg, bits)
+        _check(cfg)
+        self.spec = ttvq_spec(bits, cfg)
+        self.init = INITS[cfg.init](cfg, bits, self.spec)
+        self.wants_block_targets = bool(cfg.blockwise)
+        self._fp_weights: dict[str, torch.Tensor] = {}
+        self._block_index: dict[int, int] = {}
+        self._fp_hidden: list[torch.Tensor] | None = None  # FP inputs of block b = [b], outputs = [b+1]
+        self._teacher: nn.Module | None = None
+        self._n_params = 0
+        self._report: dict = {"spec": {"vector_len": self.spec.vector_len, "codebook_size": self.spec.codebook_size,
+                                       "res_codebook_size": self.spec.res_codebook_size,
+                                       "index_bpw": self.spec.index_bpw},
+                              "init": cfg.init, "blocks": {}, "peft": None}
+
+    # -- before the block loop --------------------------------------------------------------------
+    @torch.no_grad()
+    def prepare_model(self, model: nn.Module, inputs: BlockInputs) -> None:
+        t0 = time.time()
+        layers = decoder_layers(model)
+        self._block_index = {id(b): i for i, b in enumerate(layers)}
+        self._n_params = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+        need_fp = self.cfg.blockwise and (self.cfg.block_inputs == "fp" or self.cfg.block_targets == "model")
+        if need_fp:
+            hs = [inputs.hidden]
+            for block in layers:
+                hs.append(run_block(block, BlockInputs(hs[-1], inputs.kwargs_by_bs, inputs.batch_size)))
+            self._fp_hidden = hs
+        if self.cfg.peft:
+            self._teacher = copy.deepcopy(model).eval()
+            for p in self._teacher.parameters():
+                p.requires_grad_(False)
+        prep = getattr(self.init, "prepare_model", None)
+        if prep is not None:
+            prep(model, inputs)
+        self._report["prepare_s"] = round(time.time() - t0, 3)
+
+    def quantize_layer(self, name: str, layer: nn.Linear, H: torch.Tensor | None) -> nn.Module:
+        q = self.init.quantize_layer(name, layer, H)
+        if not isinstance(q, VQLinear):
+            raise ConfigError(f"ttvq: init {self.cfg.init!r} returned {type(q).__name__}, not a VQLinear")
+        self._fp_weights[name] = layer.weight.detach().float().clone()
+        return q
+
+    # -- stage 1 ---------------------------------------------------------------------------------
+    def _train_config(self, epochs: int, batch_size: int) -> TrainConfig:
+        c = self.cfg
+        return TrainConfig(epochs=epochs, batch_size=batch_size, val_fraction=c.val_fraction,
+                           min_lr_ratio=c.min_lr_ratio, grad_clip=c.grad_clip, keep_best=True, seed=c.seed)
+
+    def _index_hook(self, layers: list[TrainableVQ], stats: dict) -> Callable[[int], None] | None:
+        mode, period, frac = self.cfg.index_update, self.cfg.update_period, self.cfg.update_fraction
+        if mode == "frozen":
+            return None
+
+        def on_step(step: int) -> None:
+            if step % period:
+                return
+            n = ch = 0
+            for lay in layers:
+                r = lay.update_indices(frac)
+                n, ch = n + r["n"], ch + r["changed"]
+                if mode == "gradient":
+                    lay.reset_latent()
+            stats["updates"] += 1
+            stats["changed"] += ch
+            stats["rates"].append(ch / max(n, 1))
+
+        return on_step
+
+    def finetune_block(self, block: nn.Module, inputs: BlockInputs, targets: torch.Tensor, layer_kwargs: dict) -> None:
+        cfg = self.cfg
+        b = self._block_index[id(block)]
+        prefix = f"model.layers.{b}."
+        with_latent = cfg.index_update != "frozen"
+        weights = {}
+        for n in _vq_layers(block, VQLinear):
+            w = self._fp_weights.get(prefix + n) if with_latent else None
+            if with_latent and w is None:
+                raise ConfigError(f"ttvq: no full-precision weight for {prefix + n}")
+            weights[n] = w
+        tl, orig = _to_trainable(block, weights)
+        for t in tl.values():
+            if cfg.index_update == "gradient" or cfg.latent_init == "quantized":
+                t.reset_latent()
+        before_codes = {n: t.codes.clone() for n, t in tl.items()}
+
+        hidden = inputs.hidden if cfg.block_inputs == "quantized" else self._fp_hidden[b]
+        if cfg.block_targets == "model":
+            tgt = self._fp_hidden[b + 1]
+        elif cfg.block_inputs == "fp":
+            tgt = self._fp_hidden[b + 1]  # the FP block on FP inputs is the FP model's trajectory
+        else:
+            tgt = targets
+        groups = self._block_groups(block, tl)
+        stats = {"updates": 0, "changed": 0, "rates": []}
+        res = distill_block(block, hidden, tgt, inputs.kwargs_by_bs, groups,
+                            self._train_config(cfg.block_epochs, cfg.block_batch_size),
+                            on_step=self._index_hook(list(tl.values()), stats), desc=f"ttvq block {b}")
+        n_vec = sum(t.codes.numel() for t in tl.values())
+        moved = sum(int((t.codes != before_codes[n]).sum()) for n, t in tl.items())
+        _to_stored(block, tl, orig)
+        self._report["blocks"][b] = {
+            "mse_before": res["train_before"], "mse_after": res["train_after"],
+            "val_mse_before": res["val_before"], "val_mse_after": res["val_after"],
+            "best_epoch": res["best_epoch"], "steps": res["steps"], "seconds": res["seconds"],
+            "n_trained": res["n_params"], "index_updates": stats["updates"],
+            "mean_change_rate": (sum(stats["rates"]) / len(stats["rates"])) if stats["rates"] else 0.0,
+            "final_index_change": moved / max(n_vec, 1),
+            "inputs": cfg.block_inputs, "targets": cfg.block_targets,
+        }
+        log.info("ttvq block %d: mse %.4g -> %.4g (val %.4g -> %.4g), %.1f%% of indices changed, %.1fs", b,
+                 res["train_before"], res["train_after"], res["val_before"], res["val_after"],
+                 100 * moved / max(n_vec, 1), res["seconds"])
+
+    def _block_groups(self, block: nn.Module, tl: dict[str, TrainableVQ]) -> list[dict]:
+        cfg = self.cfg
+        groups = {"latent": [], "codebook": [], "scale": []}
+        for t in tl.values():
+            pg = t.param_groups()
+            groups["latent"] += pg["latent"] if cfg.index_update != "frozen" else []
+            groups["scale"] += pg["scale"] + pg["outliers"] + pg["bias"]
+            if cfg.codebook == "trainable":
+                for name in ("codebook", "res_codebook", "outlier_codebook"):
+                    p = getattr(t, name, None)
+                    if isinstance(p, nn.Parameter) and t.shared.get(name) != "model":
+                        groups["codebook"].append(p)
+        out = [{"params": groups["latent"], "lr": cfg.lr_latent},
+               {"params": groups["codebook"], "lr": cfg.lr_codebook},
+               {"params": groups["scale"], "lr": cfg.lr_scale}]
+        if cfg.block_norms:
+            out.append({"params": _norm_params(block), "lr": cfg.lr_norm})
+        return out
+
+    # -- stage 2 ---------------------------------------------------------------------------------
+    def finalize(self, model: nn.Module, calib_ids: torch.Tensor) -> None:
+        fin = getattr(self.init, "finalize", None)
+        if fin is not None:
+            fin(model, calib_ids)  # re-ties shared codebooks of resumed blocks
+        cfg = self.cfg
+        if cfg.peft and self._teacher is not None:
+            self._peft(model, calib_ids)
+        self._teacher = None
+        self._fp_hidden = None
+        self._layer_errors(model)
+
+    def _peft(self, model: nn.Module, calib_ids: torch.Tensor) -> None:
+        cfg = self.cfg
+        tl, orig = _to_trainable(model, {n: None for n in _vq_layers(model, VQLinear)}, cfg.lora_rank, cfg.seed)
+        sel = set(cfg.peft_params)
+        groups = {k: [] for k in (*PEFT_PARAMS, "lora")}
+        for t in tl.values():
+            pg = t.param_groups()
+            if "codebook" in sel and cfg.codebook == "trainable":
+                groups["codebook"] += pg["codebook"]
+            if "scale" in sel:
+                groups["scale"] += pg["scale"]
+            groups["lora"] += pg["lora"]  # empty unless lora_rank > 0
+        if "norm" in sel:
+            groups["norm"] = _norm_params(model)
+        pgs = [{"params": groups["codebook"], "lr": cfg.peft_lr_codebook},
+               {"params": groups["scale"], "lr": cfg.peft_lr_scale},
+               {"params": groups["norm"], "lr": cfg.peft_lr_norm},
+               {"params": groups["lora"], "lr": cfg.peft_lr_lora}]
+        frac = trainable_fraction([p for g in pgs for p in g["params"]], self._n_params)
+        res = distill_model(model, calib_ids, pgs, self._train_config(cfg.peft_epochs, cfg.peft_batch_size),
+                            teacher=self._teacher, desc="ttvq peft")
+        _to_stored(model, tl, orig)
+        with torch.no_grad():
+            for p in groups["norm"]:
+                p.copy_(p.half().float())
+        self._report["peft"] = {
+            "kl_before": res["train_before"], "kl_after": res["train_after"],
+            "val_kl_before": res["val_before"], "val_kl_after": res["val_after"],
+            "best_epoch": res["best_epoch"], "steps": res["steps"], "seconds": res["seconds"],
+            "trainable_params": frac["trainable"], "total_params": frac["total"],
+            "trainable_fraction": frac["fraction"], "params": sorted(sel), "lora_rank": cfg.lora_rank,
+            "n_train_windows": res["n_train"], "n_val_windows": res["n_val"],
+        }
+        log.info("ttvq peft: KL %.4g -> %.4g (val %.4g -> %.4g), %d trainable params (%.3f%%), %.1fs",
+                 res["train_before"], res["train_after"], res["val_before"], res["val_after"],
+                 frac["trainable"], 100 * frac["fraction"], res["seconds"])
+
+    @torch.no_grad()
+    def _layer_errors(self, model: nn.Module) -> None:
+        errs = {}
+        for n, q in _vq_layers(model, VQLinear).items():
+            w = self._fp_weights.get(n)
+            if w is not None:
+                errs[n] = float((q.dequantize() - w).norm() / w.norm().clamp_min(1e-12))
+        if errs:
+            self._report["final_rel_err_mean"] = sum(errs.values()) / len(errs)
+            self._report["final_rel_err"] = errs
+
+    def report(self) -> dict:
+        """Extras for the run record (record["quantize"]["method_report"])."""
+        return self._report

@@ -1,0 +1,139 @@
+"""methods/distill.py on small random Llama models: block-wise MSE distillation lowers the
+held-out error and leaves untrained parameters alone, keep-best never ends worse than the
+start, end-to-end KL distillation (cached or online teacher) lowers the KL, and the helpers."""
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from ttvq_methods.blockwise import capture_inputs, run_block
+from ttvq_methods.distill import (TrainConfig, block_kwargs, block_mse, distill_block, distill_model, kl_loss,
+                                  split_windows, teacher_logprobs, trainable_fraction)
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def small_llama(seed=0, layers=2):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=88, num_hidden_layers=layers,
+                      num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64)
+    cfg._attn_implementation = "sdpa"
+    return LlamaForCausalLM(cfg).eval()
+
+
+def ids(n=24, seqlen=32, seed=1):
+    return torch.randint(0, 64, (n, seqlen), generator=torch.Generator().manual_seed(seed))
+
+
+def test_split_windows():
+    tr, va = split_windows(20, 0.2, seed=3)
+    assert len(va) == 4 and len(tr) == 16
+    assert torch.equal(torch.cat([tr, va]).sort().values, torch.arange(20))
+    tr2, va2 = split_windows(20, 0.2, seed=3)
+    assert torch.equal(tr, tr2) and torch.equal(va, va2)
+    tr, va = split_windows(1, 0.5)
+    assert len(tr) == 1 and len(va) == 0  # always one training window
+    assert len(split_windows(10, 0.0)[1]) == 0
+
+
+def test_block_kwargs_other_batch_size():
+    mask = torch.arange(8.0).view(8, 1, 1, 1).expand(8, 1, 4, 4)
+    rot = (torch.ones(1, 4, 2), torch.zeros(1, 4, 2))
+    kw = {8: {"attention_mask": mask, "position_embeddings": rot, "position_ids": torch.zeros(1, 4)}}
+    assert block_kwargs(kw, 8) is kw[8]
+    k3 = block_kwargs(kw, 3)
+    assert k3["attention_mask"].shape[0] == 3 and k3["position_embeddings"][0].shape[0] == 1
+    assert block_kwargs(kw, 12)["attention_mask"].shape[0] == 12
+
+
+def _noisy_block(model, b=0, scale=0.3, seed=5, only="proj"):
+    block = copy.deepcopy(model.model.layers[b])
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for n, m in block.named_modules():
+            if isinstance(m, nn.Linear) and only in n:
+                m.weight.add_(scale * m.weight.std() * torch.randn(m.weight.shape, generator=g))
+    return block
+
+
+def test_distill_block_lowers_heldout_mse_and_freezes_the_rest():
+    model = small_llama()
+    inp = capture_inputs(model, ids(40), 8)
+    fp_block = model.model.layers[0]
+    targets = run_block(fp_block, inp)
+    student = _noisy_block(model, only="mlp")
+    mlp = [student.mlp.gate_proj.weight, student.mlp.up_proj.weight, student.mlp.down_proj.weight]
+    attn_before = student.self_attn.q_proj.weight.detach().clone()
+    # Training uses the first 32 windows (4 of them held out inside distill_block); the last 8
+    # are never seen and measure generalisation independently.
+    train_h, train_t = inp.hidden[:32], targets[:32]
+    fresh = torch.arange(32, 40)
+    mse_fresh_before = block_mse(student, inp.hidden, targets, inp.kwargs_by_bs, fresh)
+    res = distill_block(student, train_h, train_t, inp.kwargs_by_bs, [{"params": mlp, "lr": 1e-3}],
+                        TrainConfig(epochs=8, batch_size=4, val_fraction=0.125))
+    assert res["n_val"] == 4 and res["n_train"] == 28 and res["steps"] == 8 * 7
+    assert res["val_after"] < 0.2 * res["val_before"], res
+    assert res["train_after"] < 0.2 * res["train_before"]
+    assert block_mse(student, inp.hidden, targets, inp.kwargs_by_bs, fresh) < 0.2 * mse_fresh_before
+    assert torch.equal(student.self_attn.q_proj.weight, attn_before)  # not in the groups: untouched
+    assert all(p.grad is None for p in student.parameters())
+    assert all(p.requires_grad for p in student.parameters())  # flags restored
+
+
+def test_keep_best_never_ends_worse():
+    model = small_llama()
+    inp = capture_inputs(model, ids(16), 8)
+    targets = run_block(model.model.layers[0], inp)
+    student = _noisy_block(model, scale=0.05)
+    before = block_mse(student, inp.hidden, targets, inp.kwargs_by_bs, split_windows(16, 0.25)[1])
+    params = [p for p in student.parameters()]
+    saved = [p.detach().clone() for p in params]
+    res = distill_block(student, inp.hidden, targets, inp.kwargs_by_bs, [{"params": params, "lr": 10.0}],
+                        TrainConfig(epochs=2, batch_size=4, val_fraction=0.25))
+    assert res["best_epoch"] == 0  # a huge lr ruins every epoch: the start is restored
+    assert res["val_after"] == pytest.approx(before)
+    assert all(torch.equal(p, s) for p, s in zip(params, saved))
+
+
+def test_on_step_hook_called_every_step():
+    model = small_llama(layers=1)
+    inp = capture_inputs(model, ids(8), 8)
+    targets = run_block(model.model.layers[0], inp)
+    student = _noisy_block(model)
+    steps = []
+    distill_block(student, inp.hidden, targets, inp.kwargs_by_bs,
+                  [{"params": [student.mlp.up_proj.weight], "lr": 1e-3}],
+                  TrainConfig(epochs=3, batch_size=3, val_fraction=0.0), on_step=steps.append)
+    assert steps == list(range(1, 3 * 3 + 1))
+
+
+@pytest.mark.parametrize("cached", [True, False])
+def test_distill_model_lowers_kl(cached):
+    teacher = small_llama(seed=0)
+    student = copy.deepcopy(teacher)
+    with torch.no_grad():
+        for n, p in student.named_parameters():
+            if "norm" in n:
+                p.mul_(torch.linspace(0.5, 1.5, p.numel()))
+    norms = [p for n, p in student.named_parameters() if "norm" in n]
+    emb = student.model.embed_tokens.weight.detach().clone()
+    x = ids(20, 32)
+    res = distill_model(student, x, [{"params": norms, "lr": 3e-2}], TrainConfig(epochs=6, batch_size=4, val_fraction=0.2),
+                        teacher=teacher, max_cache_mb=1e9 if cached else 0)
+    assert res["teacher_cached"] is cached
+    assert res["val_after"] < 0.5 * res["val_before"], res
+    assert torch.equal(student.model.embed_tokens.weight, emb)
+    frac = trainable_fraction(norms, sum(p.numel() for p in teacher.parameters()))
+    assert frac["trainable"] == sum(p.numel() for p in norms) and 0 < frac["fraction"] < 0.05
+
+
+def test_kl_loss_zero_for_same_model():
+    m = small_llama()
+    x = ids(4, 16)
+    lp = teacher_logprobs(m, x, 2)
+    assert lp.dtype == torch.float16
+    with torch.no_grad():
+        assert float(kl_loss(m(input_ids=x).logits, lp)) == pytest.approx(0.0, abs=1e-4)
