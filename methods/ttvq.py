@@ -82,7 +82,8 @@ from ttvq_methods.blockwise import BlockInputs, decoder_layers, run_block
 from ttvq_methods.checkpoint import set_module
 from ttvq_methods.distill import TrainConfig, distill_block, distill_model, trainable_fraction
 from ttvq_methods.registry import register_method
-from ttvq_methods.vptq import VPTQ, VPTQConfig
+from ttvq_methods.gptq import _hinv_upper
+from ttvq_methods.vptq import VPTQ, VPTQConfig, prep_layer
 from ttvq_methods.vq.bits_table import VQSpec, vptq_spec
 from ttvq_methods.vq.codebook import SCOPES
 from ttvq_methods.vq.layer import NORMS, VQLinear
@@ -91,6 +92,7 @@ from ttvq_methods.vq.trainable import TrainableVQ
 log = logging.getLogger(__name__)
 
 INDEX_UPDATES = ("latent", "frozen", "gradient")
+LATENT_INITS = ("fp", "compensated", "quantized")
 CODEBOOK_MODES = ("trainable", "frozen")
 PEFT_PARAMS = ("codebook", "scale", "norm")
 
@@ -125,7 +127,7 @@ class TTVQConfig:
     # -- index updates -------------------------------------------------------------------------
     update_period: int = 10  # optimizer steps between index updates
     update_fraction: float = 1.0  # at most this fraction of vectors change per update
-    latent_init: str = "fp"  # fp (the full-precision weight) | quantized (Ŵ, PV-tuning's buffers)
+    latent_init: str = "fp"  # fp | compensated | quantized (see the module docstring)
     # -- stage 1: block-wise distillation ------------------------------------------------------
     blockwise: bool = True
     block_inputs: str = "quantized"  # quantized (outputs of the quantized prefix) | fp
@@ -181,11 +183,54 @@ def _vptq_init(second_order: bool) -> Callable[[TTVQConfig, int, VQSpec], Method
     return make
 
 
+@torch.no_grad()
+def compensated_weight(init: Method, name: str, W: torch.Tensor, H: torch.Tensor, q: VQLinear) -> torch.Tensor:
+    """The weight a VPTQ-style init actually rounded: GPTQ's column loop quantizes each column
+    of W after the error feedback of the columns before it, so its codes are the nearest
+    codewords of that *updated* weight W', not of W. With Q the (normalised) result, U the
+    upper Cholesky factor of H⁻¹ in the loop's column order and D = diag(U), the loop's
+    recursion W'_i = W_i - Σ_{k<i} (W'_k - Q_k) U_ki / U_kk solves in closed form to
+    W' = Q + (W - Q) U⁻¹ D. Returned in the original domain (out, in). Without second-order
+    assignment (k-means init) W' = W."""
+    vcfg = init.cfg
+    if not vcfg.second_order:
+        return W.detach().float()
+    H = H.detach().to(torch.float64).clone()
+    hdiag = H.diagonal().clone()
+    dead = hdiag == 0
+    H[dead, dead] = 1
+    p = prep_layer(W, hdiag, vcfg, init.spec)
+    n = W.shape[1]
+    s = torch.ones(n, dtype=torch.float64) if p.scale is None else p.scale.double().expand(n)
+    Hn = H * s[:, None] * s[None, :]
+    order = torch.argsort(p.importance, descending=True, stable=True) if vcfg.perm else torch.arange(n)
+    U = _hinv_upper(Hn[order][:, order], vcfg.percdamp, name).double()
+    Qn = q.dequantize().double()
+    if p.bias is not None:
+        Qn = Qn - p.bias.double()
+    if p.scale is not None:
+        Qn = Qn / p.scale.double()
+    delta = (p.Wn.double() - Qn)[:, order]
+    delta = torch.linalg.solve_triangular(U, delta, upper=True, left=False) * U.diagonal()
+    Wc = Qn.clone()
+    Wc[:, order] += delta
+    if p.scale is not None:
+        Wc = Wc * p.scale.double()
+    if p.bias is not None:
+        Wc = Wc + p.bias.double()
+    return Wc.float()
+
+
 INITS: dict[str, Callable[[TTVQConfig, int, VQSpec], Method]] = {
     "kmeans": _vptq_init(second_order=False),
     "vptq": _vptq_init(second_order=True),
 }
 PLANNED_INITS = {"aqlm": "the AQLM-style method does not exist yet"}
+# init -> the weight its assignment rounded (latent_init=compensated)
+COMPENSATED: dict[str, Callable[[Method, str, torch.Tensor, torch.Tensor, VQLinear], torch.Tensor]] = {
+    "kmeans": compensated_weight,
+    "vptq": compensated_weight,
+}
 
 
 def _check(cfg: TTVQConfig) -> None:
@@ -201,7 +246,7 @@ def _check(cfg: TTVQConfig) -> None:
     one_of("codebook", cfg.codebook, CODEBOOK_MODES)
     one_of("codebook_scope", cfg.codebook_scope, SCOPES)
     one_of("norm", cfg.norm, NORMS)
-    one_of("latent_init", cfg.latent_init, ("fp", "quantized"))
+    one_of("latent_init", cfg.latent_init, LATENT_INITS)
     one_of("block_inputs", cfg.block_inputs, ("quantized", "fp"))
     one_of("block_targets", cfg.block_targets, ("block", "model"))
     for p in cfg.peft_params:
@@ -278,6 +323,7 @@ class TTVQ(Method):
         self.init = INITS[cfg.init](cfg, bits, self.spec)
         self.wants_block_targets = bool(cfg.blockwise)
         self._fp_weights: dict[str, torch.Tensor] = {}
+        self._latents: dict[str, torch.Tensor] = {}  # latent_init=compensated: the init's rounded weight
         self._block_index: dict[int, int] = {}
         self._fp_hidden: list[torch.Tensor] | None = None  # FP inputs of block b = [b], outputs = [b+1]
         self._teacher: nn.Module | None = None
@@ -314,6 +360,8 @@ class TTVQ(Method):
         if not isinstance(q, VQLinear):
             raise ConfigError(f"ttvq: init {self.cfg.init!r} returned {type(q).__name__}, not a VQLinear")
         self._fp_weights[name] = layer.weight.detach().float().clone()
+        if self.cfg.latent_init == "compensated" and self.cfg.index_update != "frozen":
+            self._latents[name] = COMPENSATED[self.cfg.init](self.init, name, layer.weight.data, H, q)
         return q
 
     # -- stage 1 ---------------------------------------------------------------------------------
@@ -348,8 +396,9 @@ class TTVQ(Method):
         prefix = f"model.layers.{b}."
         with_latent = cfg.index_update != "frozen"
         weights = {}
+        src = self._latents if cfg.latent_init == "compensated" else self._fp_weights
         for n in _vq_layers(block, VQLinear):
-            w = self._fp_weights.get(prefix + n) if with_latent else None
+            w = src.get(prefix + n) if with_latent else None
             if with_latent and w is None:
                 raise ConfigError(f"ttvq: no full-precision weight for {prefix + n}")
             weights[n] = w

@@ -116,7 +116,7 @@ def test_same_seed_same_indices(real_block):
 
 def test_bits_table():
     assert vptq_spec(2, "layer", False) == VQSpec(6, 4096)
-    assert vptq_spec(2, "model", True).res_codebook_size == 16
+    assert vptq_spec(2, "model", True).res_codebook_size == 64
     assert vptq_spec(3, "model", False, codebook_size=1024).codebook_size == 1024
     s = vptq_spec(2, "layer", False, outlier_percent=1.0)
     assert (s.outlier_vector_len, s.outlier_codebook_size) == (4, 8192)
@@ -162,7 +162,7 @@ def test_end_to_end_shared_codebook_resume_and_reload(tiny_cfg, tmp_path, monkey
     # The model-wide codebook is stored and counted once, resumed or not.
     assert resumed["bpw"] == clean["bpw"] and resumed["ppl"] == clean["ppl"]
     by = clean["linear_bits_by_buffer"]
-    assert by["codebook"] == 16 * 4 * 16 and by["res_codebook"] == 16 * 4 * 16
+    assert by["codebook"] == 64 * 6 * 16 and by["res_codebook"] == 64 * 6 * 16  # table: (6, 64, 64)
     assert by["outlier_codebook"] == 256 * 2 * 16
     assert 2.0 < clean["bpw"] < 3.5
     again = run_job(tiny_cfg(*VQ_TINY, f"checkpoint={resumed['quantize']['checkpoint']}"), tmp_path / "d")

@@ -9,10 +9,11 @@ Recipe (deterministic from `TinyModelConfig.seed`):
      decay, fp32, under `torch.use_deterministic_algorithms(True)`;
   4. model (safetensors) + tokenizer + `train_log.json` saved as one atomic cache entry.
 
-The first build takes about 3 minutes on 2 CPU cores with the default config; later runs load
-the cache entry in about a second. Weights are bit-identical for the same seed on the same
-machine/software stack (float reductions may differ across CPUs or thread counts, which is why
-the harness fingerprints the loaded weights rather than trusting the key).
+The first build takes about 2.5-3 minutes on 2 idle CPU cores with the default config (600 steps
+at ~0.25-0.3 s; much longer when other jobs share the cores); later runs load the cache entry
+in ~0.1 s plus the transformers import. Weights are bit-identical for the same seed (checked
+across processes and with 1 vs 2 torch threads); float reductions could still differ on another
+CPU or stack, which is why the fingerprint hashes the loaded weights rather than the key.
 """
 from __future__ import annotations
 

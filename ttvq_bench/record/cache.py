@@ -32,6 +32,11 @@ class Cache:
         final = self.path(kind, key)
         final.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{key}-", dir=final.parent))
+        # mkdtemp makes 0700; a cache shared by a team (or SLURM jobs of another user) must be
+        # readable like any directory made under the user's umask.
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o777 & ~umask)
         try:
             yield tmp
             (tmp / ".complete").write_text(time.strftime("%Y-%m-%dT%H:%M:%S"))

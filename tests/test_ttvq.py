@@ -1,0 +1,269 @@
+"""TTVQ: the trainable VQ layer (straight-through gradients checked by hand, index updates,
+exact stored form without the latent) and the method end to end on the tiny model (frozen
+codebook stays bit-identical, frozen indices never change, block-wise distillation lowers the
+held-out block MSE, the checkpoint reproduces the trained model exactly, config errors)."""
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from ttvq_bench.errors import ConfigError
+from ttvq_methods.checkpoint import load_module_state, save_module_state
+from ttvq_methods.registry import get_method
+from ttvq_methods.ttvq import TTVQ, TTVQConfig, ttvq_spec
+from ttvq_methods.vq.layer import VQLinear
+from ttvq_methods.vq.trainable import TrainableVQ, VQLoRALinear
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def hand_layer(norm="tensor"):
+    """in=2, out=4, d=2, K=3, vectors along the output dim: column j = s·[C[I[j,0]], C[I[j,1]]]."""
+    q = VQLinear(2, 4, vector_len=2, codebook_size=3, orientation="out", norm=norm)
+    q.codebook.copy_(torch.tensor([[1.0, 2.0], [3.0, -1.0], [0.0, 0.5]]).half())
+    q.set_codes(torch.tensor([[0, 1], [2, 0]]))
+    if norm == "tensor":
+        q.set_norm(torch.tensor([2.0]))
+    return q
+
+
+def test_straight_through_gradients_by_hand():
+    q = hand_layer()
+    s = 2.0
+    W_hat = s * torch.tensor([[1.0, 0.0], [2.0, 0.5], [3.0, 1.0], [-1.0, 2.0]])
+    assert torch.equal(q.dequantize(), W_hat)
+    W_fp = W_hat + 0.1  # the latent starts at the full-precision weight, normalised: W_fp / s
+    t = TrainableVQ.from_stored(q, W_fp).train()
+    assert torch.allclose(t.latent, W_fp.T / s)
+    x = torch.tensor([[1.0, -2.0]])
+    g = torch.tensor([1.0, 2.0, -1.0, 0.5])
+    y = t(x)
+    assert torch.equal(y[0], W_hat @ x[0])  # the forward value is Ŵ, never the latent
+    (y[0] * g).sum().backward()
+    # dL/dŴ[o, j] = g[o] x[j]; the latent (line j = input column j, normalised) gets s·g·x[j]
+    assert torch.allclose(t.latent.grad, torch.tensor([[2.0, 4.0, -2.0, 1.0], [-4.0, -8.0, 4.0, -2.0]]))
+    # codeword k: the sum over its vectors: C0 holds (col0, rows 0-1) and (col1, rows 2-3)
+    assert torch.allclose(t.codebook.grad, torch.tensor([[2.0 + 4.0, 4.0 - 2.0], [-2.0, 1.0], [-4.0, -8.0]]))
+    # dL/ds = Σ g[o] x[j] C[I][o, j] = (1 + 4 - 3 - 0.5) + (0 - 2 + 2 - 2)
+    assert torch.allclose(t.norm_scale.grad, torch.tensor([-0.5]))
+
+
+def test_index_update_nearest_fraction_and_padding():
+    q = VQLinear(3, 2, vector_len=2, codebook_size=4, orientation="out")
+    q.codebook.copy_(torch.tensor([[0.0, 0.0], [1.0, 0.0], [0.0, 1.0], [5.0, 5.0]]).half())
+    q.set_codes(torch.full((3, 1), 3))
+    lat = torch.tensor([[0.9, 0.1], [0.1, 0.2], [0.2, 1.1]])  # lines: nearest 1, 0, 2
+    t = TrainableVQ.from_stored(q, lat.T)
+    r = t.update_indices(fraction=0.2)  # at most ceil(0.6) = 1 vector: the largest gain (vector 1)
+    assert r == {"n": 3, "changed": 1} and t.codes.view(-1).tolist() == [3, 0, 3]
+    assert t.update_indices(1.0)["changed"] == 2 and t.codes.view(-1).tolist() == [1, 0, 2]
+    assert t.update_indices(1.0)["changed"] == 0
+    # a padded entry never decides: line length 3, d = 2 -> the second vector is [x, pad]
+    p = VQLinear(1, 3, vector_len=2, codebook_size=2, orientation="out")
+    p.codebook.copy_(torch.tensor([[0.0, 0.0], [1.0, 100.0]]).half())
+    p.set_codes(torch.zeros(1, 2, dtype=torch.long))
+    t = TrainableVQ.from_stored(p, torch.tensor([[0.0], [0.0], [0.9]]))
+    t.update_indices()
+    assert t.codes.tolist() == [[0, 1]]
+
+
+def test_gradient_mode_latent_has_no_memory():
+    q = hand_layer()
+    t = TrainableVQ.from_stored(q, torch.randn(4, 2))
+    t.reset_latent()
+    assert torch.equal(t.latent, (q.dequantize() / 2.0).T)
+    assert TrainableVQ.from_stored(q, None).update_indices() == {"n": 0, "changed": 0}
+
+
+def random_vq(in_f=8, out=12, d=4, K=16, norm="line", norm_bias=True, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    q = VQLinear(in_f, out, vector_len=d, codebook_size=K, orientation="out", norm=norm, norm_bias=norm_bias)
+    q.codebook.copy_(torch.randn(K, d, generator=g).half())
+    q.set_codes(torch.randint(0, K, (q.n_reg, q.nv), generator=g))
+    q.set_norm(torch.rand(in_f, generator=g) + 0.5, torch.randn(in_f, generator=g) * 0.1)
+    return q
+
+
+@pytest.mark.parametrize("lora_rank", [0, 2])
+def test_stored_form_is_exact_and_has_no_latent(lora_rank, tmp_path):
+    q = random_vq()
+    t = TrainableVQ.from_stored(q, q.dequantize() + 0.05 * torch.randn(12, 8), lora_rank=lora_rank).train()
+    opt = torch.optim.Adam(t.parameters(), lr=1e-2)
+    x = torch.randn(5, 8)
+    for _ in range(3):
+        opt.zero_grad()
+        t(x).pow(2).sum().backward()
+        opt.step()
+        t.update_indices()
+    t.round_to_storage()
+    t.eval()
+    stored = t.to_stored()
+    assert type(stored) is (VQLoRALinear if lora_rank else VQLinear)
+    assert not any("latent" in k for k in stored.state_dict())
+    assert torch.equal(stored(x), t(x))
+    holder = nn.Sequential(stored)
+    save_module_state(holder, tmp_path / "l.safetensors")
+    fresh = nn.Sequential(nn.Linear(8, 12, bias=False))
+    load_module_state(fresh, tmp_path / "l.safetensors")
+    assert torch.equal(fresh(x), t(x))
+    assert fresh[0].stored_bits() == stored.stored_bits()
+    if lora_rank:  # the adapter is stored fp16 and counted
+        assert stored.stored_bits() == random_vq().stored_bits() + lora_rank * (8 + 12) * 16
+
+
+def test_shared_codebook_is_one_parameter_and_one_stored_tensor():
+    a, b = random_vq(seed=1), random_vq(seed=2)
+    b.share("codebook", a.codebook, "model")
+    a.shared["codebook"] = "model"
+    shared = {}
+    ta, tb = TrainableVQ.from_stored(a, None, shared=shared), TrainableVQ.from_stored(b, None, shared=shared)
+    assert ta.codebook is tb.codebook
+    x = torch.randn(3, 8)
+    (ta.train()(x).sum() + tb.train()(x).sum()).backward()
+    ga = TrainableVQ.from_stored(a, None).train()
+    ga(x).sum().backward()
+    assert not torch.allclose(ta.codebook.grad, ga.codebook.grad)  # the gradient sums both layers
+    stored = {}
+    sa, sb = ta.to_stored(stored), tb.to_stored(stored)
+    assert sa.codebook is sb.codebook and sa.shared == {"codebook": "model"}
+
+
+def test_config_errors():
+    cls, _ = get_method("ttvq")
+    with pytest.raises(ConfigError, match="aqlm.*not implemented"):
+        cls(TTVQConfig(init="aqlm"), 2)
+    for bad in (dict(init="gptq"), dict(index_update="sometimes"), dict(codebook="learned"),
+                dict(update_fraction=0.0), dict(update_period=0), dict(peft_params=["codebook", "lora"]),
+                dict(block_inputs="teacher")):
+        with pytest.raises(ConfigError):
+            cls(TTVQConfig(**bad), 2)
+    assert ttvq_spec(2, TTVQConfig()).index_bpw == 2.0 and ttvq_spec(3, TTVQConfig()).index_bpw == 2.5
+
+
+def test_yaml_composes(compose):
+    cfg = compose(["method=ttvq", "bits=2"])
+    assert cfg.method.name == "ttvq" and cfg.method.index_update == "latent" and cfg.method.init == "vptq"
+    abl = compose(["experiment=ttvq_ablation"])
+    assert abl.method.name == "ttvq" and abl.eval.ppl.seqlen == 256
+
+
+# -- the method on the tiny model -------------------------------------------------------------------
+FAST = ["bits=2", "method.kmeans_iters=10", "method.block_epochs=3", "method.peft_epochs=2",
+        "method.block_batch_size=2", "method.peft_batch_size=2", "method.update_period=1",
+        "method.val_fraction=0.25", "method.lr_latent=1e-2", "method.lr_codebook=1e-3",
+        "method.peft_lr_codebook=1e-3", "method.peft_lr_norm=1e-3"]
+
+
+@pytest.fixture
+def tiny_ttvq(tiny_cfg):
+    from omegaconf import OmegaConf
+
+    from ttvq_bench.data.calib import calibration_ids
+    from ttvq_bench.models import load_model
+    from ttvq_bench.record.cache import Cache
+    from ttvq_methods.blockwise import quantize_blockwise
+
+    def run(*overrides):
+        cfg = tiny_cfg("method=ttvq", *FAST, *overrides)
+        cache = Cache(cfg.cache_dir)
+        lm = load_model(cfg.model, cache, False)
+        calib, _ = calibration_ids(cfg.calib, lm.tokenizer, cache)
+        method = TTVQ(OmegaConf.to_object(cfg.method), cfg.bits)
+        init = {}
+        real = method.quantize_layer
+
+        def recording(name, layer, H):
+            q = real(name, layer, H)
+            init[name] = {k: v.clone() for k, v in q.state_dict().items()}
+            return q
+
+        method.quantize_layer = recording
+        quantize_blockwise(lm.model, calib, method, batch_size=4, progress=False)
+        method.finalize(lm.model, calib)
+        final = {n: m for n, m in lm.model.named_modules() if isinstance(m, VQLinear)}
+        return lm, calib, method, init, final
+
+    return run
+
+
+def test_frozen_codebook_is_bit_identical(tiny_ttvq):
+    lm, _, method, init, final = tiny_ttvq("method.codebook=frozen")
+    assert len(final) == 14 and set(final) == set(init)
+    for n, m in final.items():
+        assert torch.equal(m.codebook, init[n]["codebook"]), n
+    assert method.report()["peft"]["steps"] > 0  # PEFT ran (scales, norms) with the codebook frozen
+    assert any(not torch.equal(m.norm_scale, init[n]["norm_scale"]) for n, m in final.items())
+
+
+def test_frozen_indices_never_change(tiny_ttvq):
+    _, _, method, init, final = tiny_ttvq("method.index_update=frozen")
+    for n, m in final.items():
+        assert torch.equal(m.codes, init[n]["codes"]), n
+    assert all(b["index_updates"] == 0 for b in method.report()["blocks"].values())
+
+
+def test_latent_updates_move_indices_and_blockwise_lowers_heldout_mse(tiny_ttvq):
+    _, _, method, init, final = tiny_ttvq("method.init=kmeans")
+    rep = method.report()
+    assert sum(not torch.equal(m.codes, init[n]["codes"]) for n, m in final.items()) > 0
+    for b, r in rep["blocks"].items():
+        assert r["index_updates"] > 0 and r["final_index_change"] > 0
+        assert r["val_mse_after"] < r["val_mse_before"], (b, r)  # held-out calibration windows
+    peft = rep["peft"]
+    assert peft["val_kl_after"] <= peft["val_kl_before"] and 0 < peft["trainable_fraction"] < 0.1
+
+
+def test_checkpoint_has_no_latent_and_reproduces_outputs(tiny_ttvq, tiny_cfg, tmp_path):
+    from ttvq_bench.models import load_model
+    from ttvq_bench.record.cache import Cache
+    from ttvq_methods.checkpoint import round_to_storage
+
+    lm, calib, _, _, final = tiny_ttvq("method.lora_rank=1")
+    assert all(isinstance(m, VQLoRALinear) for m in final.values())
+    assert not any(isinstance(m, TrainableVQ) for m in lm.model.modules())
+    round_to_storage(lm.model, "float16")
+    with torch.no_grad():
+        ref = lm.model(input_ids=calib[:2]).logits
+    save_module_state(lm.model, tmp_path / "m.safetensors")
+    from safetensors import safe_open
+
+    with safe_open(str(tmp_path / "m.safetensors"), framework="pt") as f:
+        keys = list(f.keys())
+    assert not any("latent" in k for k in keys)
+    fresh = load_model(tiny_cfg().model, Cache(tiny_cfg().cache_dir), False)
+    load_module_state(fresh.model, tmp_path / "m.safetensors")
+    with torch.no_grad():
+        assert torch.equal(fresh.model(input_ids=calib[:2]).logits, ref)
+
+
+def test_run_job_records_report_and_reloads(tiny_cfg, tmp_path):
+    from ttvq_bench.run import run_job
+
+    rec = run_job(tiny_cfg("method=ttvq", *FAST, "method.init=kmeans"), tmp_path / "a")
+    assert rec["status"] == "ok" and 2.0 < rec["bpw"] < 3.5
+    rep = rec["quantize"]["method_report"]
+    assert rep["init"] == "kmeans" and set(rep["blocks"]) == {0, 1} and rep["peft"]["trainable_fraction"] > 0
+    again = run_job(tiny_cfg("method=ttvq", *FAST, "method.init=kmeans", f"checkpoint={rec['quantize']['checkpoint']}"),
+                    tmp_path / "b")
+    assert again["bpw"] == rec["bpw"] and again["ppl"] == rec["ppl"]
+    assert math.isfinite(rec["ppl"]["default"])
+
+
+@pytest.mark.parametrize("norm", ["line", "tensor"])
+def test_compensated_latent_reproduces_the_init_codes(norm):
+    from ttvq_methods.ttvq import compensated_weight
+
+    g = torch.Generator().manual_seed(0)
+    X = torch.randn(512, 12, generator=g) @ (torch.eye(12) + 0.5 * torch.randn(12, 12, generator=g))
+    H = X.T @ X / 512
+    lin = nn.Linear(12, 16, bias=False)
+    lin.weight.data = torch.randn(16, 12, generator=g)
+    m = TTVQ(TTVQConfig(codebook_scope="layer", vector_len=4, codebook_size=16, norm=norm, kmeans_iters=20), 2)
+    q = m.init.quantize_layer("l", lin, H)
+    # GPTQ-style assignment: the codes are the nearest codewords of the error-compensated
+    # weight, not of W itself.
+    assert TrainableVQ.from_stored(q, compensated_weight(m.init, "l", lin.weight, H, q)).update_indices()["changed"] == 0
+    assert TrainableVQ.from_stored(q, lin.weight).update_indices()["changed"] > 0
+    k = TTVQ(TTVQConfig(codebook_scope="layer", vector_len=4, codebook_size=16, init="kmeans"), 2)
+    assert torch.equal(compensated_weight(k.init, "l", lin.weight, H, q), lin.weight)
