@@ -149,6 +149,10 @@ class TTVQConfig:
     peft_lr_norm: float = 1e-4
     lora_rank: int = 0  # > 0: LoRA adapters added and trained in PEFT (stored fp16, counted in bpw)
     peft_lr_lora: float = 1e-4
+    # Beyond the issue (off by default; not parameter-efficient): the latents (carried over from
+    # the block stage) and the indices also train end to end in stage 2.
+    peft_latent: bool = False
+    peft_lr_latent: float = 1e-3
     # -- both stages ---------------------------------------------------------------------------
     val_fraction: float = 0.1  # held-out calibration windows (keep-best, reported losses)
     min_lr_ratio: float = 0.1  # cosine decay floor
@@ -324,6 +328,7 @@ class TTVQ(Method):
         self.wants_block_targets = bool(cfg.blockwise)
         self._fp_weights: dict[str, torch.Tensor] = {}
         self._latents: dict[str, torch.Tensor] = {}  # latent_init=compensated: the init's rounded weight
+        self._trained_latents: dict[str, torch.Tensor] = {}  # after the block stage (peft_latent)
         self._block_index: dict[int, int] = {}
         self._fp_hidden: list[torch.Tensor] | None = None  # FP inputs of block b = [b], outputs = [b+1]
         self._teacher: nn.Module | None = None
@@ -359,10 +364,19 @@ class TTVQ(Method):
         q = self.init.quantize_layer(name, layer, H)
         if not isinstance(q, VQLinear):
             raise ConfigError(f"ttvq: init {self.cfg.init!r} returned {type(q).__name__}, not a VQLinear")
-        self._fp_weights[name] = layer.weight.detach().float().clone()
+        if self._teacher is None:  # with a teacher (PEFT) its weights serve (_fp_weight)
+            self._fp_weights[name] = layer.weight.detach().float().clone()
         if self.cfg.latent_init == "compensated" and self.cfg.index_update != "frozen":
             self._latents[name] = COMPENSATED[self.cfg.init](self.init, name, layer.weight.data, H, q)
         return q
+
+    def _fp_weight(self, name: str) -> torch.Tensor | None:
+        if self._teacher is not None:
+            try:
+                return self._teacher.get_submodule(name).weight.detach().float()
+            except AttributeError:
+                return None
+        return self._fp_weights.get(name)
 
     # -- stage 1 ---------------------------------------------------------------------------------
     def _train_config(self, epochs: int, batch_size: int) -> TrainConfig:
@@ -396,9 +410,10 @@ class TTVQ(Method):
         prefix = f"model.layers.{b}."
         with_latent = cfg.index_update != "frozen"
         weights = {}
-        src = self._latents if cfg.latent_init == "compensated" else self._fp_weights
         for n in _vq_layers(block, VQLinear):
-            w = src.get(prefix + n) if with_latent else None
+            w = None
+            if with_latent:
+                w = self._latents.get(prefix + n) if cfg.latent_init == "compensated" else self._fp_weight(prefix + n)
             if with_latent and w is None:
                 raise ConfigError(f"ttvq: no full-precision weight for {prefix + n}")
             weights[n] = w
@@ -422,7 +437,19 @@ class TTVQ(Method):
                             on_step=self._index_hook(list(tl.values()), stats), desc=f"ttvq block {b}")
         n_vec = sum(t.codes.numel() for t in tl.values())
         moved = sum(int((t.codes != before_codes[n]).sum()) for n, t in tl.items())
+        if cfg.peft and cfg.peft_latent:
+            for n, t in tl.items():
+                if t.latent is not None:
+                    self._trained_latents[prefix + n] = t.latent_weight()
         _to_stored(block, tl, orig)
+        errs = []
+        for n in tl:  # the block is done: its full-precision weights and init latents are no longer needed
+            w = self._fp_weight(prefix + n)
+            if w is not None:
+                with torch.no_grad():
+                    errs.append(float((block.get_submodule(n).dequantize() - w).norm() / w.norm().clamp_min(1e-12)))
+            self._fp_weights.pop(prefix + n, None)
+            self._latents.pop(prefix + n, None)
         self._report["blocks"][b] = {
             "mse_before": res["train_before"], "mse_after": res["train_after"],
             "val_mse_before": res["val_before"], "val_mse_after": res["val_after"],
@@ -431,6 +458,7 @@ class TTVQ(Method):
             "mean_change_rate": (sum(stats["rates"]) / len(stats["rates"])) if stats["rates"] else 0.0,
             "final_index_change": moved / max(n_vec, 1),
             "inputs": cfg.block_inputs, "targets": cfg.block_targets,
+            "rel_err_mean": sum(errs) / len(errs) if errs else None,
         }
         log.info("ttvq block %d: mse %.4g -> %.4g (val %.4g -> %.4g), %.1f%% of indices changed, %.1fs", b,
                  res["train_before"], res["train_after"], res["val_before"], res["val_after"],
@@ -463,15 +491,29 @@ class TTVQ(Method):
         cfg = self.cfg
         if cfg.peft and self._teacher is not None:
             self._peft(model, calib_ids)
+        self._layer_errors(model)
         self._teacher = None
         self._fp_hidden = None
-        self._layer_errors(model)
+        self._fp_weights, self._latents = {}, {}
 
     def _peft(self, model: nn.Module, calib_ids: torch.Tensor) -> None:
         cfg = self.cfg
-        tl, orig = _to_trainable(model, {n: None for n in _vq_layers(model, VQLinear)}, cfg.lora_rank, cfg.seed)
+        names = list(_vq_layers(model, VQLinear))
+        latent = cfg.peft_latent and cfg.index_update != "frozen"
+        weights = {n: None for n in names}
+        if latent:
+            for n in names:
+                w = self._trained_latents.get(n, self._latents.get(n, self._fp_weight(n)))
+                if w is None:
+                    raise ConfigError(f"ttvq: peft_latent needs the latent of {n} (not kept across a resume)")
+                weights[n] = w
+        tl, orig = _to_trainable(model, weights, cfg.lora_rank, cfg.seed)
+        if latent and cfg.index_update == "gradient":
+            for t in tl.values():
+                t.reset_latent()
+        before_codes = {n: t.codes.clone() for n, t in tl.items()}
         sel = set(cfg.peft_params)
-        groups = {k: [] for k in (*PEFT_PARAMS, "lora")}
+        groups = {k: [] for k in (*PEFT_PARAMS, "lora", "latent")}
         for t in tl.values():
             pg = t.param_groups()
             if "codebook" in sel and cfg.codebook == "trainable":
@@ -479,19 +521,22 @@ class TTVQ(Method):
             if "scale" in sel:
                 groups["scale"] += pg["scale"]
             groups["lora"] += pg["lora"]  # empty unless lora_rank > 0
+            groups["latent"] += pg["latent"]  # empty unless peft_latent
         if "norm" in sel:
             groups["norm"] = _norm_params(model)
         pgs = [{"params": groups["codebook"], "lr": cfg.peft_lr_codebook},
                {"params": groups["scale"], "lr": cfg.peft_lr_scale},
                {"params": groups["norm"], "lr": cfg.peft_lr_norm},
-               {"params": groups["lora"], "lr": cfg.peft_lr_lora}]
+               {"params": groups["lora"], "lr": cfg.peft_lr_lora},
+               {"params": groups["latent"], "lr": cfg.peft_lr_latent}]
         frac = trainable_fraction([p for g in pgs for p in g["params"]], self._n_params)
+        stats = {"updates": 0, "changed": 0, "rates": []}
         res = distill_model(model, calib_ids, pgs, self._train_config(cfg.peft_epochs, cfg.peft_batch_size),
-                            teacher=self._teacher, desc="ttvq peft")
+                            teacher=self._teacher, desc="ttvq peft",
+                            on_step=self._index_hook(list(tl.values()), stats) if latent else None)
+        moved = sum(int((t.codes != before_codes[n]).sum()) for n, t in tl.items())
+        n_vec = sum(t.codes.numel() for t in tl.values())
         _to_stored(model, tl, orig)
-        with torch.no_grad():
-            for p in groups["norm"]:
-                p.copy_(p.half().float())
         self._report["peft"] = {
             "kl_before": res["train_before"], "kl_after": res["train_after"],
             "val_kl_before": res["val_before"], "val_kl_after": res["val_after"],
@@ -499,7 +544,9 @@ class TTVQ(Method):
             "trainable_params": frac["trainable"], "total_params": frac["total"],
             "trainable_fraction": frac["fraction"], "params": sorted(sel), "lora_rank": cfg.lora_rank,
             "n_train_windows": res["n_train"], "n_val_windows": res["n_val"],
+            "latent": latent, "index_updates": stats["updates"], "final_index_change": moved / max(n_vec, 1),
         }
+        self._trained_latents = {}
         log.info("ttvq peft: KL %.4g -> %.4g (val %.4g -> %.4g), %d trainable params (%.3f%%), %.1fs",
                  res["train_before"], res["train_after"], res["val_before"], res["val_after"],
                  frac["trainable"], 100 * frac["fraction"], res["seconds"])
@@ -508,7 +555,7 @@ class TTVQ(Method):
     def _layer_errors(self, model: nn.Module) -> None:
         errs = {}
         for n, q in _vq_layers(model, VQLinear).items():
-            w = self._fp_weights.get(n)
+            w = self._fp_weight(n)
             if w is not None:
                 errs[n] = float((q.dequantize() - w).norm() / w.norm().clamp_min(1e-12))
         if errs:

@@ -7,7 +7,8 @@ vectors (zero-padded; see VQLinear) and all vectors of a column see the same H_j
 
   1. normalise (optional): per input column (norm "line", the reference's `enable_norm`,
      norm_dim 0: mean/std over the column) or per tensor ("tensor", one scale: cheap, for
-     shared codebooks on small models); scales and biases are fp16 and stored.
+     shared codebooks on small models); scales and biases are fp16 and stored. Default
+     ("scope"): line for per-layer codebooks, tensor for shared ones (bits_table.VPTQ_NORM).
   2. importance of column j: H'_jj with H' = S H S (S = the norm scales): the proxy loss of the
      normalised weight. Column order: decreasing importance (`perm`, act-order); the order is
      absorbed (codes are stored in column order), so it costs no bits.
@@ -46,6 +47,7 @@ Deviations from the reference, each on purpose:
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 from dataclasses import dataclass, field
@@ -58,7 +60,7 @@ from ttvq_methods.base import Method
 from ttvq_methods.gptq import _hinv_upper
 from ttvq_methods.hessian import layer_proxy_loss
 from ttvq_methods.registry import register_method
-from ttvq_methods.vq.bits_table import VQSpec, vptq_spec
+from ttvq_methods.vq.bits_table import VPTQ_NORM, VQSpec, vptq_spec
 from ttvq_methods.vq.codebook import (SCOPES, fit_codebook, fp_input_diag, pooled, scope_key, tie_shared,
                                       to_vectors, vector_weights)
 from ttvq_methods.vq.finetune import finetune_vq_block
@@ -80,7 +82,9 @@ class VPTQConfig:
     outlier_percent: float = 0.0  # % of input columns with their own codebook (reference: npercent)
     outlier_vector_len: int = 0
     outlier_codebook_size: int = 0  # -1: outlier columns kept in fp16
-    norm: str = "line"  # none | tensor | line (per input column, the reference's enable_norm)
+    # none | tensor | line (per input column, the reference's enable_norm) | scope: the scope's
+    # default from the bits table (line for "layer", tensor for the shared scopes)
+    norm: str = "scope"
     norm_bias: bool = True  # store a per-column (per-tensor) mean as well as the scale
     perm: bool = True  # quantize columns by decreasing importance (reference: enable_perm)
     hessian_kmeans: bool = True  # k-means weights = H'_jj (reference: kmeans_mode=hessian)
@@ -139,7 +143,13 @@ def n_outlier_columns(percent: float, n: int) -> int:
     return min(n - 1, math.ceil(percent / 100 * n)) if percent > 0 else 0
 
 
+def resolve_norm(cfg: VPTQConfig) -> VPTQConfig:
+    """norm "scope" -> the scope's default norm (bits_table.VPTQ_NORM)."""
+    return dataclasses.replace(cfg, norm=VPTQ_NORM[cfg.codebook_scope]) if cfg.norm == "scope" else cfg
+
+
 def prep_layer(W: torch.Tensor, hdiag: torch.Tensor, cfg: VPTQConfig, spec: VQSpec) -> LayerPrep:
+    cfg = resolve_norm(cfg)
     W = W.detach().float().clone()
     hdiag = hdiag.to(W.device)
     dead = hdiag == 0  # columns no input ever touched cannot matter: zero them (as GPTQ)
@@ -220,6 +230,7 @@ def vptq_quantize(W: torch.Tensor, H: torch.Tensor, spec: VQSpec, cfg: VPTQConfi
     """Quantize one linear's weight W (m, n) with input Hessian H (n, n); `books` holds shared
     fp16 codebooks (codebook, res_codebook, outlier_codebook) fitted for `scope`."""
     m, n = W.shape
+    cfg = resolve_norm(cfg)
     if H is None or tuple(H.shape) != (n, n):
         raise QuantizationError(f"vptq {name}: needs an input Hessian of shape {(n, n)}, got {None if H is None else tuple(H.shape)}")
     dev = W.device
@@ -313,9 +324,10 @@ class VPTQ(Method):
     needs_hessian = True
 
     def __init__(self, cfg: VPTQConfig, bits: int):
-        super().__init__(cfg, bits)
         if cfg.codebook_scope not in SCOPES:
             raise ConfigError(f"vptq: codebook_scope must be one of {SCOPES}, got {cfg.codebook_scope!r}")
+        cfg = resolve_norm(cfg)
+        super().__init__(cfg, bits)
         if cfg.norm not in NORMS:
             raise ConfigError(f"vptq: norm must be one of {NORMS}, got {cfg.norm!r}")
         if cfg.kmeans_init not in ("kmeans++", "random"):
@@ -374,6 +386,7 @@ class VPTQ(Method):
         r = vptq_quantize(layer.weight.data, H, self.spec, self.cfg, name=name, books=books, scope=key,
                           bias=layer.bias)
         self.layer_stats[name] = r.stats
+        log.debug("vptq %s: proxy loss %s, bpw of the layer alone %.3f", name, r.stats, r.layer.bpw())
         return r.layer.to(layer.weight.device)
 
     def finetune_block(self, block: nn.Module, inputs, targets: torch.Tensor, layer_kwargs: dict) -> None:

@@ -132,7 +132,10 @@ def test_bits_table():
 def test_yaml_composes(compose):
     cfg = compose(["method=vptq", "bits=2", "method.codebook_scope=model"])
     assert cfg.method.name == "vptq" and cfg.method.codebook_scope == "model"
-    assert cfg.method.norm == "line" and cfg.method.second_order is True
+    assert cfg.method.norm == "scope" and cfg.method.second_order is True
+    from omegaconf import OmegaConf
+    m = get_method("vptq")[0](OmegaConf.to_object(cfg.method), 2)
+    assert m.cfg.norm == "tensor" and m.spec == VQSpec(4, 256)  # the model scope's defaults
     abl = compose(["experiment=vptq_ablation"])
     assert abl.method.name == "vptq" and abl.method.codebook_scope == "model"
 

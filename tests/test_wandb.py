@@ -43,7 +43,8 @@ def test_failed_run_finishes_as_failed(tiny_cfg, tmp_path, fake_wandb, monkeypat
         raise RuntimeError("boom")
 
     monkeypatch.setattr(rtn.RTN, "quantize_layer", boom)
-    cfg = tiny_cfg("method=rtn", "bits=2", "logger=wandb", "logger.progress=false")
+    # A config no other test quantizes: a cached checkpoint would skip quantize_layer.
+    cfg = tiny_cfg("method=rtn", "bits=2", "method.group_size=16", "logger=wandb", "logger.progress=false")
     with pytest.raises(RuntimeError):
         run_job(cfg, tmp_path)
     (run,) = fake_wandb

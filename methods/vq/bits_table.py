@@ -20,7 +20,7 @@ whole model). Chosen for small models, where a per-layer codebook costs more bit
 indices (stories260K: K=256, d=4 in fp16 is 16,384 bits = 4 bpw on a 64x64 layer). The numbers
 are for stories260K (45,312 block-linear weights per block, 226,560 in all; out dims 64/32/172):
 
-  scope  bits  residual  d  K     Kr   index bpw  codebooks  ~total (no norms/outliers)
+  scope  bits  residual  d  K     Kr   index bpw  codebooks  ~total (norm tensor, no outliers)
   model  2     no        4  256   -    2.000      0.072      2.07
   model  2     yes       6  64    64   2.060*     0.054      2.12
   model  3     no        3  512   -    3.065*     0.108      3.17
@@ -72,6 +72,11 @@ VPTQ_TABLE: dict[tuple[str, int, bool], tuple[int, int, int]] = {
     ("block", 4, False): (2, 256, 0),
     ("block", 4, True): (2, 16, 16),
 }
+# scope -> VPTQ's norm when the config says norm=scope: the reference's per-column mean/std for
+# per-layer codebooks (32 bits per input column: 0.008 bpw on 4096 rows), one scale and mean per
+# layer for shared codebooks (per-column norms would cost ~0.4 bpw on stories260K, whose layers
+# have 32-172 rows; a shared codebook also needs every layer on one scale, which this gives).
+VPTQ_NORM: dict[str, str] = {"layer": "line", "block": "tensor", "model": "tensor"}
 # scope -> (d_o, K_o) of the outlier codebook
 VPTQ_OUTLIERS: dict[str, tuple[int, int]] = {"layer": (4, 8192), "block": (2, 256), "model": (2, 256)}
 

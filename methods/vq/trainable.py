@@ -196,6 +196,21 @@ class TrainableVQ(nn.Module):
         if self.latent_out is not None:
             self.latent_out.copy_(decode(self.outlier_codebook, self.outlier_codes, self.line_len))
 
+    @torch.no_grad()
+    def latent_weight(self) -> torch.Tensor | None:
+        """The latent in the weight's own domain (out, in) (outlier lines without a latent take
+        their quantized value), e.g. to carry it into a later stage via init_latent."""
+        if self.latent is None:
+            return None
+        out = None
+        if self.n_outliers:
+            out = (self.latent_out if self.latent_out is not None else
+                   decode(self.outlier_codebook, self.outlier_codes, self.line_len)
+                   if self.geom.outlier_codebook_size else self.outlier_values)
+        return assemble(self.latent.detach(), None if out is None else out.detach(),
+                        getattr(self, "outlier_lines", None), getattr(self, "norm_scale", None),
+                        getattr(self, "norm_bias", None), self.orientation).detach().clone()
+
     def drop_latent(self) -> None:
         self.latent = None
         self.latent_out = None
