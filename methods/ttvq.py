@@ -225,16 +225,22 @@ def compensated_weight(init: Method, name: str, W: torch.Tensor, H: torch.Tensor
     return Wc.float()
 
 
-INITS: dict[str, Callable[[TTVQConfig, int, VQSpec], Method]] = {
-    "kmeans": _vptq_init(second_order=False),
-    "vptq": _vptq_init(second_order=True),
+@dataclass(frozen=True)
+class Init:
+    """An initialisation: `make(cfg, bits, spec)` returns a Method whose quantize_layer gives a
+    VQLinear (prepare_model / finalize are called when it has them); `rounded(init, name, W,
+    H, q)` returns the weight its assignment rounded (latent_init=compensated)."""
+
+    make: Callable[[TTVQConfig, int, VQSpec], Method]
+    rounded: Callable[[Method, str, torch.Tensor, torch.Tensor, VQLinear], torch.Tensor]
+
+
+# The registry. AQLM-style becomes one entry here once its method exists.
+INITS: dict[str, Init] = {
+    "kmeans": Init(_vptq_init(second_order=False), compensated_weight),  # rounded = W itself
+    "vptq": Init(_vptq_init(second_order=True), compensated_weight),
 }
 PLANNED_INITS = {"aqlm": "the AQLM-style method does not exist yet"}
-# init -> the weight its assignment rounded (latent_init=compensated)
-COMPENSATED: dict[str, Callable[[Method, str, torch.Tensor, torch.Tensor, VQLinear], torch.Tensor]] = {
-    "kmeans": compensated_weight,
-    "vptq": compensated_weight,
-}
 
 
 def _check(cfg: TTVQConfig) -> None:
@@ -324,7 +330,7 @@ class TTVQ(Method):
         super().__init__(cfg, bits)
         _check(cfg)
         self.spec = ttvq_spec(bits, cfg)
-        self.init = INITS[cfg.init](cfg, bits, self.spec)
+        self.init = INITS[cfg.init].make(cfg, bits, self.spec)
         self.wants_block_targets = bool(cfg.blockwise)
         self._fp_weights: dict[str, torch.Tensor] = {}
         self._latents: dict[str, torch.Tensor] = {}  # latent_init=compensated: the init's rounded weight
@@ -367,7 +373,7 @@ class TTVQ(Method):
         if self._teacher is None:  # with a teacher (PEFT) its weights serve (_fp_weight)
             self._fp_weights[name] = layer.weight.detach().float().clone()
         if self.cfg.latent_init == "compensated" and self.cfg.index_update != "frozen":
-            self._latents[name] = COMPENSATED[self.cfg.init](self.init, name, layer.weight.data, H, q)
+            self._latents[name] = INITS[self.cfg.init].rounded(self.init, name, layer.weight.data, H, q)
         return q
 
     def _fp_weight(self, name: str) -> torch.Tensor | None:
