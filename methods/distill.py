@@ -277,6 +277,33 @@ def teacher_logprobs(teacher: nn.Module, ids: torch.Tensor, batch_size: int = 8,
     return torch.cat(out)
 
 
+@torch.no_grad()
+def sample_windows(model: nn.Module, n: int, seqlen: int, bos_id: int, *, temperature: float = 1.0,
+                   seed: int = 0, batch_size: int = 64) -> torch.Tensor:
+    """n windows of seqlen tokens sampled from `model` (the teacher) after BOS, with a KV
+    cache and a seeded generator: distillation data drawn from the teacher itself (data-free
+    KD, as LLM-QAT), which never runs out and needs no text beyond the calibration split."""
+    was = model.training
+    model.eval()
+    g = torch.Generator().manual_seed(seed)
+    dev = next(model.parameters()).device
+    out = []
+    for i in range(0, n, batch_size):
+        b = min(batch_size, n - i)
+        tok = torch.full((b, 1), bos_id, dtype=torch.long, device=dev)
+        seq = [tok]
+        res = model(input_ids=tok, use_cache=True)
+        for _ in range(seqlen - 1):
+            p = torch.softmax(res.logits[:, -1].float() / temperature, -1).cpu()
+            tok = torch.multinomial(p, 1, generator=g).to(dev)
+            seq.append(tok)
+            if len(seq) < seqlen:
+                res = model(input_ids=tok, past_key_values=res.past_key_values, use_cache=True)
+        out.append(torch.cat(seq, 1).cpu())
+    model.train(was)
+    return torch.cat(out)
+
+
 def kl_loss(student_logits: torch.Tensor, teacher_lp: torch.Tensor) -> torch.Tensor:
     """Mean over positions of KL(teacher ‖ student). The teacher's log-probs are renormalised
     (they may be stored in fp16)."""

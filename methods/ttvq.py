@@ -4,11 +4,11 @@ distillation and parameter-efficient fine-tuning (the project's headline method,
 What it does. Every decoder-block linear is a set of d-dimensional vectors (VQLinear geometry:
 vectors along the output dimension, "lines" = input columns, as VPTQ). The layer always
 computes with the quantized weight Ŵ = C[I] (times its norm scales); during optimisation
-three things change: the discrete indices I, a continuous latent weight W (the normalised
-full-precision weight at the start) and the codebook C. Gradients reach W by the
-straight-through estimator and C exactly; every `update_period` optimizer steps each latent
-vector takes its nearest codeword (optionally only the `update_fraction` of vectors whose
-change gains the most). After training only C, I and the scales are kept (vq/trainable.py).
+three things change: the discrete indices I, a continuous latent weight W and the codebook C.
+Gradients reach W by the straight-through estimator and C exactly; every `update_period`
+optimizer steps each latent vector takes its nearest codeword (optionally only the
+`update_fraction` of vectors whose change gains the most). After training only C, I and the
+scales are kept; W is dropped (vq/trainable.py).
 
 Pipeline, per run:
   0. initialisation (`init`): every linear is quantized by an existing VQ method inside the
@@ -17,53 +17,76 @@ Pipeline, per run:
                  codeword (VPTQ's machinery with second_order=false);
        vptq   -- VPTQ (same codebook, GPTQ-style second-order assignment);
        aqlm   -- not implemented yet: a ConfigError. `INITS` is the registry; AQLM-style is
-                 one entry there once its method exists.
+                 one `Init` entry there once its method exists.
      Shared codebooks (codebook_scope block/model) are fitted before the block loop by the
      init method's `prepare_model` (vq/codebook.py).
   1. block-wise distillation (`blockwise`, methods/distill.py): right after a block's linears
-     are initialised, the block is trained to match the teacher's block outputs (MSE): the
-     latent, the block's own codebooks, the norm scales and the block's RMSNorm weights, with
-     index updates from the latent. Blocks go in sequence; the student's inputs are the
+     are initialised, the block is trained to match the teacher (MSE of the block outputs):
+     the latent, the block's own codebooks, the norm scales and the block's RMSNorm weights,
+     with index updates from the latent. Blocks go in sequence; the student's inputs are the
      outputs of the already-quantized blocks before it (`block_inputs: quantized`) or the
-     full-precision model's (`fp`); the teacher is the full-precision block, on the same
-     inputs (`block_targets: block`) or the full-precision model's own hidden state after
-     the block (`model`: the teacher's trajectory, which also asks the block to undo the
-     error its inputs carry). No gradient crosses blocks; memory is one block and its
-     activations (plus, with `fp` inputs or `model` targets, the full-precision activations
-     of every block, computed once before the loop).
+     full-precision model's (`fp`, the toggle). The teacher is the full-precision model's
+     block: `block_targets: model` (default) takes its own trajectory, i.e. the FP model's
+     hidden state after block b, so each block also learns to undo the error its quantized
+     inputs carry; `block` takes the FP block applied to the student's inputs (what the
+     block loop hands every method). No gradient crosses blocks; memory is one block and its
+     activations, plus the FP hidden states of the calibration windows at every block
+     boundary (computed once before the loop, for `model` targets or `fp` inputs).
   2. PEFT (`peft`): end-to-end distillation, KL(full-precision model ‖ quantized model) of
      the next-token distributions on the calibration windows, training only `peft_params`
      (codebooks, norm scales, RMSNorm weights; LoRA adapters when `lora_rank` > 0, off by
      default). Indices are fixed in this stage. The record states the trainable fraction
      (trained tensors over the full-precision model's parameter count).
 
-Choices where the issue is open (each a documented default, most of them toggles):
-  * The latent lives in the *normalised* domain: W_n = (W - norm_bias) / norm_scale per line
-    (the quantity the codebook approximates), so a change of scale does not move it.
+Choices where the issue is open (each a documented default; measured on stories260K,
+TinyStories, 2 bits, first 200 eval windows, FP 4.62; see the closing note of issue 5):
+  * The latent lives in the *normalised* domain, W_n = (W - norm_bias) / norm_scale per line
+    (what the codebook approximates), so training a scale does not move it.
+  * `latent_init: fp` (default, the issue's text): the latent starts at the full-precision
+    weight. With a second-order init (VPTQ) the first index update then moves ~40% of the
+    vectors to the nearest codeword of W, undoing part of VPTQ's error-compensated choice;
+    it still measured best (block stage alone: 17.2 vs 19.7 with `compensated`, the weight
+    VPTQ actually rounded, whose nearest codes are exactly VPTQ's (`compensated_weight`),
+    and 27.3 with frozen indices). `quantized` starts the latent at Ŵ (PV-tuning's
+    straight-through buffers): at lr 1e-3 it never crosses a cell boundary (= frozen).
   * `update_fraction` ranks vectors by gain: the decrease of the latent vector's squared
     distance to its quantized value if it switched (PV-tuning's max_code_change_per_step).
   * `index_update: gradient` keeps the same optimizer, learning rates and period as
     `latent`, but puts the latent back on Ŵ after every index update (and at the start):
     the indices are re-chosen from Ŵ minus the optimizer steps of one period (one step with
     update_period 1), with no memory across periods.
-  * A codebook shared beyond a block (codebook_scope model) is frozen during block-wise
-    distillation (training it there would change blocks already finished and passed on) and
-    trained in the PEFT stage; block- and layer-scope codebooks train in both stages.
-    `codebook: frozen` freezes every codebook in every stage (bit-identical at the end).
+  * A codebook shared beyond a block (codebook_scope model, the default) is frozen during
+    block-wise distillation (training it there would change blocks already finished and
+    passed on) and trained in the PEFT stage; block- and layer-scope codebooks train in both
+    stages. `codebook: frozen` freezes every codebook in every stage (bit-identical).
   * Each stage keeps its best state on held-out calibration windows (`val_fraction`), so a
-    stage never makes the held-out loss worse.
+    stage never makes the held-out loss worse. The calibration windows are drawn at random
+    offsets of one split, so held-out windows may share text with training windows.
+  * PEFT trains codebooks + scales + RMSNorm weights (the issue's list). On stories260K the
+    per-column scales alone are 1.07% of the parameters (2,780 of 260,032), so the default
+    set is 1.7% at 2 bits (2.9% at 3 bits, K=1024); `peft_params=[codebook,norm]` is the
+    variant under 1% (0.66% at 2 bits). On a 7B model the default set is far under 1%.
+  * `synthetic_windows` (off by default): extra distillation windows sampled from the FP
+    model itself (data-free KD as in LLM-QAT), for both stages. The TinyStories calibration
+    split has only 42k tokens and both stages overfit it (KL to the FP model on eval text is
+    ~1.5x the KL on calibration text); teacher samples never run out.
   * The init is recomputed inside TTVQ's block loop (not read from a VPTQ checkpoint): block
     b's init sees the inputs of TTVQ's trained blocks before it, as a sequential method
     should; Hessians and calibration windows come from the shared cache.
-  * Shape table (`TTVQ_TABLE`, model scope): bits 2 -> d=4, K=256; bits 3 -> d=4, K=1024
-    (2.5 index bits + a shared codebook of 0.29 bpw on stories260K: the 3-bit row stays
-    within 3.0 bpw with per-column scales). Other scopes use VPTQ's table
+  * Shape table (`TTVQ_TABLE`, model scope): bits 2 -> d=4, K=256 (2.27 bpw with fp16
+    per-column scales); bits 3 -> d=4, K=1024 (2.5 index bits + a 0.29 bpw shared codebook
+    + 0.20 bpw scales = 2.99 bpw, within 3.0). Other scopes use VPTQ's table
     (vq/bits_table.py). Non-zero vector_len / codebook_size override the table.
+  * `peft_latent` (off; beyond the issue): latents and indices also train end to end in
+    stage 2 (~89% of the parameters train). Measured: no gain (9.87 vs 9.84), so the
+    block-wise objective is not what limits the result.
 
 Toggles (all sweepable, conf/method/ttvq.yaml): index_update latent|frozen|gradient,
-codebook trainable|frozen, init kmeans|vptq(|aqlm), blockwise, peft, block_inputs,
-block_targets, block_epochs, peft_epochs, the learning rates, batch sizes, update_period,
-update_fraction, lora_rank, codebook_scope and the VQ shape.
+codebook trainable|frozen, init kmeans|vptq(|aqlm), latent_init, blockwise, peft,
+block_inputs, block_targets, block_epochs, peft_epochs, the learning rates, batch sizes,
+update_period, update_fraction, peft_params, lora_rank, synthetic_windows, codebook_scope
+and the VQ shape. Memory beyond the block loop: one FP copy of the model (the PEFT teacher)
+and the FP activations above; CPU time on stories260K: ~7 min at 2 bits (calib.n=512).
 """
 from __future__ import annotations
 
@@ -78,9 +101,9 @@ from torch import nn
 
 from ttvq_bench.errors import ConfigError
 from ttvq_methods.base import Method
-from ttvq_methods.blockwise import BlockInputs, decoder_layers, run_block
+from ttvq_methods.blockwise import BlockInputs, capture_inputs, decoder_layers, run_block
 from ttvq_methods.checkpoint import set_module
-from ttvq_methods.distill import TrainConfig, distill_block, distill_model, trainable_fraction
+from ttvq_methods.distill import TrainConfig, distill_block, distill_model, sample_windows, trainable_fraction
 from ttvq_methods.registry import register_method
 from ttvq_methods.gptq import _hinv_upper
 from ttvq_methods.vptq import VPTQ, VPTQConfig, prep_layer
@@ -131,22 +154,22 @@ class TTVQConfig:
     # -- stage 1: block-wise distillation ------------------------------------------------------
     blockwise: bool = True
     block_inputs: str = "quantized"  # quantized (outputs of the quantized prefix) | fp
-    block_targets: str = "block"  # block (FP block on the student's inputs) | model (FP hidden states)
-    block_epochs: int = 20
+    block_targets: str = "model"  # model (FP model's hidden states) | block (FP block on the student's inputs)
+    block_epochs: int = 10  # over calib.n windows (stories260K runs use calib.n=512)
     block_batch_size: int = 8
     block_norms: bool = True  # train the block's RMSNorm weights too
-    lr_latent: float = 1e-3
-    lr_codebook: float = 1e-4
-    lr_scale: float = 1e-4
-    lr_norm: float = 1e-4
+    lr_latent: float = 2e-3
+    lr_codebook: float = 1e-3
+    lr_scale: float = 1e-3
+    lr_norm: float = 1e-3
     # -- stage 2: PEFT (end-to-end KL) ---------------------------------------------------------
     peft: bool = True
     peft_epochs: int = 10
     peft_batch_size: int = 8
     peft_params: List[str] = field(default_factory=lambda: ["codebook", "scale", "norm"])
-    peft_lr_codebook: float = 1e-4
-    peft_lr_scale: float = 1e-4
-    peft_lr_norm: float = 1e-4
+    peft_lr_codebook: float = 3e-3
+    peft_lr_scale: float = 3e-3
+    peft_lr_norm: float = 3e-3
     lora_rank: int = 0  # > 0: LoRA adapters added and trained in PEFT (stored fp16, counted in bpw)
     peft_lr_lora: float = 1e-4
     # Beyond the issue (off by default; not parameter-efficient): the latents (carried over from
@@ -154,6 +177,10 @@ class TTVQConfig:
     peft_latent: bool = False
     peft_lr_latent: float = 1e-3
     # -- both stages ---------------------------------------------------------------------------
+    # Extra distillation windows sampled from the full-precision model itself (seeded, after
+    # BOS, calib seqlen), used by both stages next to the calibration windows (0: none).
+    synthetic_windows: int = 0
+    synthetic_temperature: float = 1.0
     val_fraction: float = 0.1  # held-out calibration windows (keep-best, reported losses)
     min_lr_ratio: float = 0.1  # cosine decay floor
     grad_clip: float = 0.0
@@ -267,7 +294,9 @@ def _check(cfg: TTVQConfig) -> None:
         raise ConfigError(f"ttvq: method.update_fraction={cfg.update_fraction} must be in (0, 1]")
     if not 0 <= cfg.val_fraction < 1:
         raise ConfigError(f"ttvq: method.val_fraction={cfg.val_fraction} must be in [0, 1)")
-    for key in ("block_epochs", "peft_epochs", "lora_rank"):
+    if cfg.synthetic_temperature <= 0:
+        raise ConfigError(f"ttvq: method.synthetic_temperature={cfg.synthetic_temperature} must be > 0")
+    for key in ("block_epochs", "peft_epochs", "lora_rank", "synthetic_windows"):
         if getattr(cfg, key) < 0:
             raise ConfigError(f"ttvq: method.{key}={getattr(cfg, key)} must be >= 0")
     for key in ("block_batch_size", "peft_batch_size"):
@@ -339,6 +368,8 @@ class TTVQ(Method):
         self._fp_hidden: list[torch.Tensor] | None = None  # FP inputs of block b = [b], outputs = [b+1]
         self._teacher: nn.Module | None = None
         self._n_params = 0
+        self._layers: nn.ModuleList | None = None
+        self._syn: dict | None = None  # synthetic windows: ids, kwargs, hidden (quantized prefix / FP), block
         self._report: dict = {"spec": {"vector_len": self.spec.vector_len, "codebook_size": self.spec.codebook_size,
                                        "res_codebook_size": self.spec.res_codebook_size,
                                        "index_bpw": self.spec.index_bpw},
@@ -357,10 +388,23 @@ class TTVQ(Method):
             for block in layers:
                 hs.append(run_block(block, BlockInputs(hs[-1], inputs.kwargs_by_bs, inputs.batch_size)))
             self._fp_hidden = hs
-        if self.cfg.peft:
+        self._layers = layers
+        if self.cfg.peft or self.cfg.synthetic_windows:
             self._teacher = copy.deepcopy(model).eval()
             for p in self._teacher.parameters():
                 p.requires_grad_(False)
+        if self.cfg.synthetic_windows:
+            t1 = time.time()
+            bos = getattr(model.config, "bos_token_id", None)
+            if bos is None:
+                raise ConfigError("ttvq: synthetic_windows needs a model with a BOS token")
+            ids = sample_windows(model, self.cfg.synthetic_windows, inputs.hidden.shape[1], bos,
+                                 temperature=self.cfg.synthetic_temperature, seed=self.cfg.seed)
+            cap = capture_inputs(model, ids, inputs.batch_size)
+            self._syn = {"ids": ids, "kw": cap.kwargs_by_bs, "q": cap.hidden, "fp": cap.hidden, "block": 0,
+                         "bs": inputs.batch_size}
+            self._report["synthetic"] = {"windows": int(ids.shape[0]), "temperature": self.cfg.synthetic_temperature,
+                                         "seconds": round(time.time() - t1, 3)}
         prep = getattr(self.init, "prepare_model", None)
         if prep is not None:
             prep(model, inputs)
@@ -436,9 +480,22 @@ class TTVQ(Method):
             tgt = self._fp_hidden[b + 1]  # the FP block on FP inputs is the FP model's trajectory
         else:
             tgt = targets
+        kwargs = inputs.kwargs_by_bs
+        syn_next = None
+        if self._syn is not None:
+            self._advance_synthetic(b)
+            syn, fp_block = self._syn, decoder_layers(self._teacher)[b]
+            syn_next = run_block(fp_block, BlockInputs(syn["fp"], syn["kw"], syn["bs"]))
+            if cfg.block_targets == "model" or cfg.block_inputs == "fp":
+                syn_t = syn_next
+            else:
+                syn_t = run_block(fp_block, BlockInputs(syn["q"], syn["kw"], syn["bs"]))
+            hidden = torch.cat([hidden, syn["fp"] if cfg.block_inputs == "fp" else syn["q"]])
+            tgt = torch.cat([tgt, syn_t])
+            kwargs = {**syn["kw"], **kwargs}
         groups = self._block_groups(block, tl)
         stats = {"updates": 0, "changed": 0, "rates": []}
-        res = distill_block(block, hidden, tgt, inputs.kwargs_by_bs, groups,
+        res = distill_block(block, hidden, tgt, kwargs, groups,
                             self._train_config(cfg.block_epochs, cfg.block_batch_size),
                             on_step=self._index_hook(list(tl.values()), stats), desc=f"ttvq block {b}")
         n_vec = sum(t.codes.numel() for t in tl.values())
@@ -448,6 +505,10 @@ class TTVQ(Method):
                 if t.latent is not None:
                     self._trained_latents[prefix + n] = t.latent_weight()
         _to_stored(block, tl, orig)
+        if syn_next is not None:  # the synthetic windows move on to the next block
+            syn = self._syn
+            syn["q"] = run_block(block, BlockInputs(syn["q"], syn["kw"], syn["bs"]))
+            syn["fp"], syn["block"] = syn_next, b + 1
         errs = []
         for n in tl:  # the block is done: its full-precision weights and init latents are no longer needed
             w = self._fp_weight(prefix + n)
@@ -469,6 +530,18 @@ class TTVQ(Method):
         log.info("ttvq block %d: mse %.4g -> %.4g (val %.4g -> %.4g), %.1f%% of indices changed, %.1fs", b,
                  res["train_before"], res["train_after"], res["val_before"], res["val_after"],
                  100 * moved / max(n_vec, 1), res["seconds"])
+
+    @torch.no_grad()
+    def _advance_synthetic(self, b: int) -> None:
+        """Bring the synthetic windows' activations to block b's inputs (after a resume the
+        blocks before b were loaded, not trained here): through the quantized blocks for the
+        student's inputs and through the teacher's blocks for the full-precision trajectory."""
+        syn = self._syn
+        while syn["block"] < b:
+            k = syn["block"]
+            syn["q"] = run_block(self._layers[k], BlockInputs(syn["q"], syn["kw"], syn["bs"]))
+            syn["fp"] = run_block(decoder_layers(self._teacher)[k], BlockInputs(syn["fp"], syn["kw"], syn["bs"]))
+            syn["block"] = k + 1
 
     def _block_groups(self, block: nn.Module, tl: dict[str, TrainableVQ]) -> list[dict]:
         cfg = self.cfg
@@ -500,6 +573,7 @@ class TTVQ(Method):
         self._layer_errors(model)
         self._teacher = None
         self._fp_hidden = None
+        self._syn = None
         self._fp_weights, self._latents = {}, {}
 
     def _peft(self, model: nn.Module, calib_ids: torch.Tensor) -> None:
@@ -537,7 +611,8 @@ class TTVQ(Method):
                {"params": groups["latent"], "lr": cfg.peft_lr_latent}]
         frac = trainable_fraction([p for g in pgs for p in g["params"]], self._n_params)
         stats = {"updates": 0, "changed": 0, "rates": []}
-        res = distill_model(model, calib_ids, pgs, self._train_config(cfg.peft_epochs, cfg.peft_batch_size),
+        ids = calib_ids if self._syn is None else torch.cat([calib_ids, self._syn["ids"].to(calib_ids.device)])
+        res = distill_model(model, ids, pgs, self._train_config(cfg.peft_epochs, cfg.peft_batch_size),
                             teacher=self._teacher, desc="ttvq peft",
                             on_step=self._index_hook(list(tl.values()), stats) if latent else None)
         moved = sum(int((t.codes != before_codes[n]).sum()) for n, t in tl.items())

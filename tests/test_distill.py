@@ -137,3 +137,13 @@ def test_kl_loss_zero_for_same_model():
     assert lp.dtype == torch.float16
     with torch.no_grad():
         assert float(kl_loss(m(input_ids=x).logits, lp)) == pytest.approx(0.0, abs=1e-4)
+
+
+def test_sample_windows_seeded_from_bos():
+    from ttvq_methods.distill import sample_windows
+
+    m = small_llama()
+    a = sample_windows(m, 5, 12, bos_id=1, seed=3, batch_size=2)
+    b = sample_windows(m, 5, 12, bos_id=1, seed=3, batch_size=2)
+    assert a.shape == (5, 12) and torch.equal(a, b) and (a[:, 0] == 1).all()
+    assert not torch.equal(a, sample_windows(m, 5, 12, bos_id=1, seed=4, batch_size=2))

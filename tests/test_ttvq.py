@@ -188,7 +188,7 @@ def tiny_ttvq(tiny_cfg):
 
 
 def test_frozen_codebook_is_bit_identical(tiny_ttvq):
-    lm, _, method, init, final = tiny_ttvq("method.codebook=frozen")
+    lm, _, method, init, final = tiny_ttvq("method.codebook=frozen", "method.init=kmeans")
     assert len(final) == 14 and set(final) == set(init)
     for n, m in final.items():
         assert torch.equal(m.codebook, init[n]["codebook"]), n
@@ -267,3 +267,11 @@ def test_compensated_latent_reproduces_the_init_codes(norm):
     assert TrainableVQ.from_stored(q, lin.weight).update_indices()["changed"] > 0
     k = TTVQ(TTVQConfig(codebook_scope="layer", vector_len=4, codebook_size=16, init="kmeans"), 2)
     assert torch.equal(compensated_weight(k.init, "l", lin.weight, H, q), lin.weight)
+
+
+def test_synthetic_windows_join_both_stages(tiny_ttvq):
+    _, calib, method, _, _ = tiny_ttvq("method.synthetic_windows=4", "method.init=kmeans")
+    rep = method.report()
+    assert rep["synthetic"]["windows"] == 4
+    assert rep["peft"]["n_train_windows"] + rep["peft"]["n_val_windows"] == len(calib) + 4
+    assert all(r["val_mse_after"] < r["val_mse_before"] for r in rep["blocks"].values())
