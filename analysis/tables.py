@@ -4,6 +4,12 @@
 prints a markdown table (method x bits: perplexity with achieved bpw), refusing to mix
 records whose evaluation protocols differ (different seqlen/BOS/token counts are different
 metrics, not different results).
+
+    python -m ttvq_analysis --results results --corpus tinystories --method ttvq \
+        --rows method.init,method.index_update,method.codebook --ref fp16
+prints an ablation table: one row per combination of the named method-config keys, and per
+bit width the perplexity, its ratio to the reference method's perplexity, the bpw, the
+quantization time and the peak memory.
 """
 from __future__ import annotations
 
@@ -22,12 +28,52 @@ def check_one_protocol(df: pd.DataFrame, corpus: str) -> dict:
     return {c.rsplit(".", 1)[1]: df[c].iloc[0] for c in cols}
 
 
+def _on(df: pd.DataFrame, corpus: str) -> pd.DataFrame:
+    return df[df[f"ppl.{corpus}"].notna()] if f"ppl.{corpus}" in df else df.iloc[0:0]
+
+
 def ppl_table(df: pd.DataFrame, corpus: str, index: str | list[str] = "method", columns: str = "bits") -> pd.DataFrame:
     """Cells 'ppl (bpw)' for one corpus and one protocol."""
-    df = df[df.get(f"ppl.{corpus}").notna()] if f"ppl.{corpus}" in df else df.iloc[0:0]
+    df = _on(df, corpus)
     check_one_protocol(df, corpus)
     cell = df[f"ppl.{corpus}"].map(lambda v: f"{float(v):.3f}") + df["bpw"].map(lambda b: f" ({b:.2f})")
     return df.assign(cell=cell).pivot_table(index=index, columns=columns, values="cell", aggfunc="last")
+
+
+def ablation_table(df: pd.DataFrame, corpus: str, rows: list[str], ref_ppl: float | None = None) -> pd.DataFrame:
+    """One row per combination of `rows` (method-config keys such as `method.init`, or any
+    record column), columns (bits, field): ppl, ×ref (ppl / ref_ppl), bpw, quantize_s,
+    peak_rss_mb. Combinations with more than one record are an error (filter first): an
+    ablation cell must be one run, not whichever came last."""
+    df = _on(df, corpus)
+    check_one_protocol(df, corpus)
+    cols = [r if r in df else f"config.{r}" for r in rows]
+    missing = [c for c in cols if c not in df]
+    if missing:
+        raise ValueError(f"no such record fields: {missing}")
+    dup = df.duplicated(cols + ["bits"], keep=False)
+    if dup.any():
+        raise ValueError(f"{int(dup.sum())} records share a cell; filter first:\n{df.loc[dup, cols + ['bits', 'run_id']]}")
+    out = pd.DataFrame({"ppl": df[f"ppl.{corpus}"].astype(float), "bpw": df["bpw"].astype(float)})
+    if ref_ppl is not None:
+        out.insert(1, "x_ref", out["ppl"] / ref_ppl)
+    for c in ("timing.quantize_s", "peak_rss_mb"):
+        if c in df:
+            out[c.split(".")[-1]] = df[c].astype(float)
+    out[cols + ["bits"]] = df[cols + ["bits"]].astype(str).where(df[cols + ["bits"]].notna(), "-")
+    table = out.pivot_table(index=cols, columns="bits", aggfunc="first")
+    table.columns = table.columns.swaplevel(0, 1)
+    table = table.sort_index(axis=1, level=0, sort_remaining=False)
+    table.index.names = [c.removeprefix("config.") for c in cols]
+    return table
+
+
+def reference_ppl(df: pd.DataFrame, corpus: str, method: str) -> float:
+    ref = _on(df, corpus)
+    ref = ref[ref["method"] == method]
+    if len(ref) != 1:
+        raise ValueError(f"need exactly one {method!r} record on {corpus!r} for the reference, found {len(ref)}")
+    return float(ref[f"ppl.{corpus}"].iloc[0])
 
 
 def main(argv=None) -> None:
@@ -39,10 +85,26 @@ def main(argv=None) -> None:
     ap.add_argument("--results", default="results")
     ap.add_argument("--corpus", required=True)
     ap.add_argument("--model", default=None, help="only records of this model")
+    ap.add_argument("--method", default=None, help="only records of this method (ablation tables)")
+    ap.add_argument("--rows", default=None, help="comma-separated config keys: an ablation table")
+    ap.add_argument("--ref", default=None, help="method whose perplexity is the ratio's denominator (e.g. fp16)")
+    ap.add_argument("--where", action="append", default=[], help="KEY=VALUE filter on a record field (repeatable)")
     args = ap.parse_args(argv)
     df = load_runs(args.results)
     if args.model:
         df = df[df["model"] == args.model]
-    proto = check_one_protocol(df, args.corpus)
-    print(f"perplexity on {args.corpus} (bpw in parentheses); protocol: {proto}\n")
-    print(ppl_table(df, args.corpus).to_markdown())
+    for cond in args.where:
+        key, _, val = cond.partition("=")
+        col = key if key in df else f"config.{key}"
+        if col not in df:
+            raise SystemExit(f"error: --where: no such field {key!r}")
+        df = df[df[col].astype(str) == val]
+    ref = reference_ppl(df, args.corpus, args.ref) if args.ref else None
+    if args.method:
+        df = df[df["method"] == args.method]
+    proto = check_one_protocol(_on(df, args.corpus), args.corpus)
+    print(f"perplexity on {args.corpus}; protocol: {proto}" + (f"; reference {args.ref} = {ref:.4f}" if ref else "") + "\n")
+    if args.rows:
+        print(ablation_table(df, args.corpus, args.rows.split(","), ref).to_markdown(floatfmt=".4g"))
+    else:
+        print(ppl_table(df, args.corpus).to_markdown())

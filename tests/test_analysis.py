@@ -1,3 +1,4 @@
+import pandas as pd
 import pytest
 
 from ttvq_analysis.load import load_runs
@@ -27,3 +28,27 @@ def test_refuses_mixed_protocols(tmp_path):
     append_run(tmp_path, rec("b", "rtn", 3, 10.0, seqlen=2048))
     with pytest.raises(ValueError, match="different protocols"):
         ppl_table(load_runs(tmp_path), "c")
+
+
+def test_ablation_table_rows_ratio_and_duplicates(tmp_path):
+    from ttvq_analysis.tables import ablation_table, reference_ppl
+
+    def ab(run_id, bits, init, upd, ppl):
+        r = rec(run_id, "ttvq", bits, ppl)
+        r["config"] = {"method": {"init": init, "index_update": upd}}
+        r["timing"] = {"quantize_s": 10.0 * bits}
+        return r
+
+    append_run(tmp_path, rec("f", "fp16", 16, 5.0))
+    append_run(tmp_path, ab("a", 2, "vptq", "latent", 10.0))
+    append_run(tmp_path, ab("b", 2, "vptq", "frozen", 20.0))
+    append_run(tmp_path, ab("c", 3, "vptq", "latent", 6.0))
+    df = load_runs(tmp_path)
+    ref = reference_ppl(df, "c", "fp16")
+    t = ablation_table(df[df["method"] == "ttvq"], "c", ["method.init", "method.index_update"], ref)
+    assert t.loc[("vptq", "latent"), ("2", "x_ref")] == pytest.approx(2.0)
+    assert t.loc[("vptq", "frozen"), ("2", "ppl")] == 20.0 and t.loc[("vptq", "latent"), ("3", "quantize_s")] == 30.0
+    assert pd.isna(t.loc[("vptq", "frozen"), ("3", "ppl")])
+    append_run(tmp_path, ab("d", 2, "vptq", "latent", 11.0))  # a second run in one cell
+    with pytest.raises(ValueError, match="share a cell"):
+        ablation_table(load_runs(tmp_path).query("method == 'ttvq'"), "c", ["method.init", "method.index_update"])

@@ -138,7 +138,7 @@ def test_config_errors():
                 dict(block_inputs="teacher")):
         with pytest.raises(ConfigError):
             cls(TTVQConfig(**bad), 2)
-    assert ttvq_spec(2, TTVQConfig()).index_bpw == 2.0 and ttvq_spec(3, TTVQConfig()).index_bpw == 2.5
+    assert ttvq_spec(2, TTVQConfig()).index_bpw == 2.0 and ttvq_spec(3, TTVQConfig()).index_bpw == pytest.approx(8 / 3)
 
 
 def test_yaml_composes(compose):
