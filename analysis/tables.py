@@ -25,7 +25,8 @@ def check_one_protocol(df: pd.DataFrame, corpus: str) -> dict:
     distinct = df[cols].astype(str).drop_duplicates()
     if len(distinct) > 1:
         raise ValueError(f"records on {corpus!r} use {len(distinct)} different protocols; filter first:\n{distinct}")
-    return {c.rsplit(".", 1)[1]: df[c].iloc[0] for c in cols}
+    return {c.rsplit(".", 1)[1]: df[c].iloc[0].item() if hasattr(df[c].iloc[0], "item") else df[c].iloc[0]
+            for c in cols}
 
 
 def _on(df: pd.DataFrame, corpus: str) -> pd.DataFrame:
@@ -61,11 +62,20 @@ def ablation_table(df: pd.DataFrame, corpus: str, rows: list[str], ref_ppl: floa
         if c in df:
             out[c.split(".")[-1]] = df[c].astype(float)
     out[cols + ["bits"]] = df[cols + ["bits"]].astype(str).where(df[cols + ["bits"]].notna(), "-")
+    fields = [c for c in out.columns if c not in cols + ["bits"]]
     table = out.pivot_table(index=cols, columns="bits", aggfunc="first")
+    bits = sorted(table.columns.get_level_values(1).unique(), key=lambda b: (len(b), b))
+    table = table.reindex(columns=pd.MultiIndex.from_tuples([(f, b) for b in bits for f in fields]))
     table.columns = table.columns.swaplevel(0, 1)
-    table = table.sort_index(axis=1, level=0, sort_remaining=False)
     table.index.names = [c.removeprefix("config.") for c in cols]
     return table
+
+
+def flat(table: pd.DataFrame) -> pd.DataFrame:
+    """Row keys as columns and 'bits field' column names: what a markdown table shows well."""
+    t = table.copy()
+    t.columns = [f"w{b} {f}" for b, f in t.columns]
+    return t.reset_index()
 
 
 def reference_ppl(df: pd.DataFrame, corpus: str, method: str) -> float:
@@ -105,6 +115,6 @@ def main(argv=None) -> None:
     proto = check_one_protocol(_on(df, args.corpus), args.corpus)
     print(f"perplexity on {args.corpus}; protocol: {proto}" + (f"; reference {args.ref} = {ref:.4f}" if ref else "") + "\n")
     if args.rows:
-        print(ablation_table(df, args.corpus, args.rows.split(","), ref).to_markdown(floatfmt=".4g"))
+        print(flat(ablation_table(df, args.corpus, args.rows.split(","), ref)).to_markdown(index=False, floatfmt=".4g"))
     else:
         print(ppl_table(df, args.corpus).to_markdown())

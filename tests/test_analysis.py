@@ -52,3 +52,20 @@ def test_ablation_table_rows_ratio_and_duplicates(tmp_path):
     append_run(tmp_path, ab("d", 2, "vptq", "latent", 11.0))  # a second run in one cell
     with pytest.raises(ValueError, match="share a cell"):
         ablation_table(load_runs(tmp_path).query("method == 'ttvq'"), "c", ["method.init", "method.index_update"])
+
+
+def test_cli_ablation_with_filters(tmp_path, capsys):
+    from ttvq_analysis.tables import main
+
+    for run_id, bits, upd, ppl, sweep in [("a", 2, "latent", 10.0, "s1"), ("b", 2, "frozen", 20.0, "s1"),
+                                          ("c", 2, "latent", 30.0, "s2")]:
+        r = rec(run_id, "ttvq", bits, ppl)
+        r.update(config={"method": {"index_update": upd}}, sweep=sweep)
+        append_run(tmp_path, r)
+    append_run(tmp_path, rec("f", "fp16", 16, 5.0) | {"sweep": "s1"})
+    main(["--results", str(tmp_path), "--corpus", "c", "--method", "ttvq", "--ref", "fp16",
+          "--rows", "method.index_update", "--where", "sweep=s1"])
+    out = capsys.readouterr().out
+    assert "reference fp16 = 5.0000" in out and "| latent" in out and "| frozen" in out and "30" not in out
+    with pytest.raises(SystemExit, match="no such field"):
+        main(["--results", str(tmp_path), "--corpus", "c", "--where", "nope=1"])
