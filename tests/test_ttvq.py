@@ -187,13 +187,20 @@ def tiny_ttvq(tiny_cfg):
     return run
 
 
-def test_frozen_codebook_is_bit_identical(tiny_ttvq):
-    lm, _, method, init, final = tiny_ttvq("method.codebook=frozen", "method.init=kmeans")
+@pytest.mark.parametrize("init_method", ["kmeans", "vptq"])
+def test_frozen_codebook_is_bit_identical(tiny_ttvq, init_method):
+    lm, _, method, init, final = tiny_ttvq("method.codebook=frozen", f"method.init={init_method}")
     assert len(final) == 14 and set(final) == set(init)
     for n, m in final.items():
         assert torch.equal(m.codebook, init[n]["codebook"]), n
-    assert method.report()["peft"]["steps"] > 0  # PEFT ran (scales, norms) with the codebook frozen
-    assert any(not torch.equal(m.norm_scale, init[n]["norm_scale"]) for n, m in final.items())
+    rep = method.report()
+    assert rep["peft"]["steps"] > 0  # PEFT ran (scales, norms) with the codebook frozen
+    if init_method == "kmeans":
+        # On this fixture training beats the k-means init on held-out windows, so the kept state
+        # is a trained one and the scales moved: the frozen codebook is not a frozen model.
+        # (From the VPTQ init every stage's keep-best keeps the init: nothing to check there.)
+        assert rep["peft"]["best_epoch"] > 0 or any(b["best_epoch"] > 0 for b in rep["blocks"].values())
+        assert any(not torch.equal(m.norm_scale, init[n]["norm_scale"]) for n, m in final.items())
 
 
 def test_frozen_indices_never_change(tiny_ttvq):
