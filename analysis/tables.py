@@ -115,6 +115,7 @@ def main(argv=None) -> None:
     proto = check_one_protocol(_on(df, args.corpus), args.corpus)
     print(f"perplexity on {args.corpus}; protocol: {proto}" + (f"; reference {args.ref} = {ref:.4f}" if ref else "") + "\n")
     if args.rows:
-        print(flat(ablation_table(df, args.corpus, args.rows.split(","), ref)).to_markdown(index=False, floatfmt=".4g"))
+        t = flat(ablation_table(df, args.corpus, args.rows.split(","), ref))
+        print(t.astype(object).where(t.notna(), None).to_markdown(index=False, floatfmt=".4g", missingval="-"))
     else:
         print(ppl_table(df, args.corpus).to_markdown())
