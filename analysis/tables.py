@@ -78,11 +78,14 @@ def flat(table: pd.DataFrame) -> pd.DataFrame:
     return t.reset_index()
 
 
-def reference_ppl(df: pd.DataFrame, corpus: str, method: str) -> float:
+def reference_ppl(df: pd.DataFrame, corpus: str, method: str, like: pd.DataFrame | None = None) -> float:
+    """The perplexity of the one `method` record in df; with `like`, it must share their protocol."""
     ref = _on(df, corpus)
     ref = ref[ref["method"] == method]
     if len(ref) != 1:
         raise ValueError(f"need exactly one {method!r} record on {corpus!r} for the reference, found {len(ref)}")
+    if like is not None:
+        check_one_protocol(pd.concat([_on(like, corpus), ref]), corpus)
     return float(ref[f"ppl.{corpus}"].iloc[0])
 
 
@@ -97,21 +100,23 @@ def main(argv=None) -> None:
     ap.add_argument("--model", default=None, help="only records of this model")
     ap.add_argument("--method", default=None, help="only records of this method (ablation tables)")
     ap.add_argument("--rows", default=None, help="comma-separated config keys: an ablation table")
-    ap.add_argument("--ref", default=None, help="method whose perplexity is the ratio's denominator (e.g. fp16)")
+    ap.add_argument("--ref", default=None, help="method whose perplexity is the ratio's denominator (e.g. fp16); "
+                    "looked up before --where/--method, among records of the same protocol")
     ap.add_argument("--where", action="append", default=[], help="KEY=VALUE filter on a record field (repeatable)")
     args = ap.parse_args(argv)
     df = load_runs(args.results)
     if args.model:
         df = df[df["model"] == args.model]
+    everything = df  # the reference may come from another sweep (it is checked for the same protocol)
     for cond in args.where:
         key, _, val = cond.partition("=")
         col = key if key in df else f"config.{key}"
         if col not in df:
             raise SystemExit(f"error: --where: no such field {key!r}")
         df = df[df[col].astype(str) == val]
-    ref = reference_ppl(df, args.corpus, args.ref) if args.ref else None
     if args.method:
         df = df[df["method"] == args.method]
+    ref = reference_ppl(everything, args.corpus, args.ref, like=df) if args.ref else None
     proto = check_one_protocol(_on(df, args.corpus), args.corpus)
     print(f"perplexity on {args.corpus}; protocol: {proto}" + (f"; reference {args.ref} = {ref:.4f}" if ref else "") + "\n")
     if args.rows:

@@ -62,7 +62,7 @@ def test_cli_ablation_with_filters(tmp_path, capsys):
         r = rec(run_id, "ttvq", bits, ppl)
         r.update(config={"method": {"index_update": upd}}, sweep=sweep)
         append_run(tmp_path, r)
-    append_run(tmp_path, rec("f", "fp16", 16, 5.0) | {"sweep": "s1"})
+    append_run(tmp_path, rec("f", "fp16", 16, 5.0) | {"sweep": "s0"})  # the reference: another sweep
     main(["--results", str(tmp_path), "--corpus", "c", "--method", "ttvq", "--ref", "fp16",
           "--rows", "method.index_update", "--where", "sweep=s1"])
     out = capsys.readouterr().out
