@@ -4,11 +4,13 @@ from __future__ import annotations
 
 from torch import nn
 
-from ttvq_methods.checkpoint import DTYPES, quantized_layers
+from ttvq_bench.dtypes import TORCH_DTYPES
+from ttvq_methods.checkpoint import quantized_layers
+from ttvq_methods.model_walk import decoder_layers, layer_name
 
 
 def _dtype_bits(name: str) -> int:
-    return DTYPES[name].itemsize * 8
+    return TORCH_DTYPES[name].itemsize * 8
 
 
 def _unique_bits(layer, seen: set, by_buffer: dict | None = None) -> int:
@@ -34,13 +36,12 @@ def count_bits(model: nn.Module, storage_dtype: str = "float16") -> dict:
     norms and head included; tied tensors once) over its parameter count."""
     sbits = _dtype_bits(storage_dtype)
     q = quantized_layers(model)
-    blocks = model.model.layers
     lin_bits = lin_weights = 0
     seen_lin: set = set()
     by_buffer: dict[str, int] = {}
-    for bi, block in enumerate(blocks):
+    for bi, block in enumerate(decoder_layers(model)):
         for name, m in block.named_modules():
-            full = f"model.layers.{bi}.{name}"
+            full = layer_name(bi, name)
             if full in q:
                 lin_bits += _unique_bits(q[full], seen_lin, by_buffer)
                 lin_weights += q[full].n_weights

@@ -4,7 +4,9 @@ Quantized layers contribute their buffers (packed codes, codebooks, scales); eve
 floating tensor is written at the storage dtype (fp16 by default); tied tensors are written
 once. The safetensors metadata (`ttvq` key, JSON) lists each quantized layer's kind and
 constructor meta, so loading rebuilds the same modules on a freshly loaded base model and
-reproduces the quantized model bit-exactly, without re-quantizing.
+reproduces the quantized model bit-exactly, without re-quantizing. A layer kind whose stored
+form changed maps older files onto today's layer (`QuantizedLinear.upgrade`), so checkpoints
+keep loading across versions.
 """
 from __future__ import annotations
 
@@ -18,19 +20,14 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
+from ttvq_bench.dtypes import TORCH_DTYPES
 from ttvq_methods.layers import QuantizedLinear
-from ttvq_methods.registry import get_layer
-
-DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+from ttvq_methods.model_walk import modules_of, set_module
+from ttvq_methods.registry import LAYERS
 
 
 def quantized_layers(module: nn.Module) -> dict[str, QuantizedLinear]:
-    return {n: m for n, m in module.named_modules() if isinstance(m, QuantizedLinear)}
-
-
-def set_module(root: nn.Module, name: str, new: nn.Module) -> None:
-    parent, _, child = name.rpartition(".")
-    setattr(root.get_submodule(parent) if parent else root, child, new)
+    return modules_of(module, QuantizedLinear)
 
 
 def _dedupe(sd: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -55,7 +52,7 @@ def save_module_state(module: nn.Module, path: str | Path, storage_dtype: str = 
     for k, t in sd.items():
         t = t.detach().cpu()
         if not k.startswith(prefixes) and t.is_floating_point():
-            t = t.to(DTYPES[storage_dtype])
+            t = t.to(TORCH_DTYPES[storage_dtype])
         tensors[k] = t.contiguous()
     meta = {
         "layers": {n: {"kind": m.kind, "meta": m.meta()} for n, m in qlayers.items()},
@@ -77,16 +74,21 @@ def read_meta(path: str | Path) -> dict[str, Any]:
 def load_module_state(module: nn.Module, path: str | Path) -> dict:
     """Rebuild the quantized layers listed in the file and load every tensor (strict)."""
     meta = read_meta(path)
+    renamed: dict[str, str] = {}  # full key in the file -> full key today
     for name, spec in meta["layers"].items():
-        set_module(module, name, get_layer(spec["kind"]).from_meta(spec["meta"]))
+        cls = LAYERS.get(spec["kind"])
+        layer_meta, renames = cls.upgrade(spec["kind"], spec["meta"])
+        set_module(module, name, cls.from_meta(layer_meta))
+        renamed.update({f"{name}.{old}": f"{name}.{new}" for old, new in renames.items()})
     sd = {}
     with safe_open(str(path), framework="pt") as f:
         for k in f.keys():
-            sd[k] = f.get_tensor(k)
-    for alias, target in meta["aliases"].items():
+            sd[renamed.get(k, k)] = f.get_tensor(k)
+    aliases = {renamed.get(a, a): renamed.get(t, t) for a, t in meta["aliases"].items()}
+    for alias, target in aliases.items():
         sd[alias] = sd[target]
     module.load_state_dict(sd, strict=True)  # copies into existing params: casts to their dtype
-    _retie_buffers(module, meta["aliases"])
+    _retie_buffers(module, aliases)
     return meta["extra"]
 
 
@@ -109,4 +111,4 @@ def round_to_storage(module: nn.Module, storage_dtype: str) -> None:
     with torch.no_grad():
         for p in module.parameters():
             if id(p) not in qparams and p.is_floating_point():
-                p.copy_(p.to(DTYPES[storage_dtype]).to(p.dtype))
+                p.copy_(p.to(TORCH_DTYPES[storage_dtype]).to(p.dtype))

@@ -36,6 +36,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ttvq_methods.model_walk import block_kwargs, block_output
+
 log = logging.getLogger(__name__)
 
 
@@ -58,28 +60,6 @@ def split_windows(n: int, val_fraction: float, seed: int = 0) -> tuple[torch.Ten
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
     n_val = min(n - 1, int(round(val_fraction * n))) if val_fraction > 0 else 0
     return perm[: n - n_val].sort().values, perm[n - n_val:].sort().values
-
-
-def block_kwargs(kwargs_by_bs: dict[int, dict], n: int) -> dict:
-    """The kwargs a block needs for a batch of n windows (rotary embeddings, mask). The block
-    loop captures them per batch size it saw; for another size, tensors whose leading dim is
-    that batch size are cut or expanded along it (those with leading dim 1 broadcast)."""
-    if n in kwargs_by_bs:
-        return kwargs_by_bs[n]
-    bs, kw = max(kwargs_by_bs.items())
-
-    def fit(v):
-        if torch.is_tensor(v) and v.dim() and v.shape[0] == bs and bs > 1:
-            return v[:1].expand(n, *v.shape[1:]) if n > bs else v[:n]
-        if isinstance(v, tuple):
-            return tuple(fit(t) for t in v)
-        return v
-
-    return {k: fit(v) for k, v in kw.items()}
-
-
-def _out(y):
-    return y[0] if isinstance(y, tuple) else y
 
 
 def _param_list(param_groups: list[dict]) -> list[nn.Parameter]:
@@ -220,7 +200,7 @@ def block_mse(block: nn.Module, hidden: torch.Tensor, targets: torch.Tensor, kwa
     tot, n = 0.0, 0
     for s in range(0, idx.numel(), batch_size):
         b = idx[s : s + batch_size]
-        y = _out(block(hidden[b], **block_kwargs(kwargs_by_bs, len(b))))
+        y = block_output(block(hidden[b], **block_kwargs(kwargs_by_bs, len(b))))
         tot += float(((y.float() - targets[b].float()) ** 2).sum())
         n += y.numel()
     return tot / n
@@ -239,7 +219,7 @@ def distill_block(block: nn.Module, hidden: torch.Tensor, targets: torch.Tensor,
 
     def step_loss(sel):
         b = tr_idx[sel]
-        y = _out(block(hidden[b], **block_kwargs(kwargs_by_bs, len(b))))
+        y = block_output(block(hidden[b], **block_kwargs(kwargs_by_bs, len(b))))
         return F.mse_loss(y.float(), targets[b].float())
 
     def eval_loss():
@@ -274,33 +254,6 @@ def teacher_logprobs(teacher: nn.Module, ids: torch.Tensor, batch_size: int = 8,
     out = [F.log_softmax(_logits(teacher, ids[i : i + batch_size]).float(), -1).to(dtype)
            for i in range(0, len(ids), batch_size)]
     teacher.train(was)
-    return torch.cat(out)
-
-
-@torch.no_grad()
-def sample_windows(model: nn.Module, n: int, seqlen: int, bos_id: int, *, temperature: float = 1.0,
-                   seed: int = 0, batch_size: int = 64) -> torch.Tensor:
-    """n windows of seqlen tokens sampled from `model` (the teacher) after BOS, with a KV
-    cache and a seeded generator: distillation data drawn from the teacher itself (data-free
-    KD, as LLM-QAT), which never runs out and needs no text beyond the calibration split."""
-    was = model.training
-    model.eval()
-    g = torch.Generator().manual_seed(seed)
-    dev = next(model.parameters()).device
-    out = []
-    for i in range(0, n, batch_size):
-        b = min(batch_size, n - i)
-        tok = torch.full((b, 1), bos_id, dtype=torch.long, device=dev)
-        seq = [tok]
-        res = model(input_ids=tok, use_cache=True)
-        for _ in range(seqlen - 1):
-            p = torch.softmax(res.logits[:, -1].float() / temperature, -1).cpu()
-            tok = torch.multinomial(p, 1, generator=g).to(dev)
-            seq.append(tok)
-            if len(seq) < seqlen:
-                res = model(input_ids=tok, past_key_values=res.past_key_values, use_cache=True)
-        out.append(torch.cat(seq, 1).cpu())
-    model.train(was)
     return torch.cat(out)
 
 

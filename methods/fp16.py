@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from ttvq_methods.base import Method
-from ttvq_methods.registry import register_method
+from ttvq_methods.registry import METHODS
 
 
 @dataclass
@@ -15,14 +15,14 @@ class FP16Config:
     name: str = "fp16"
 
 
-@register_method("fp16", FP16Config)
+@METHODS.register("fp16")
 class FP16(Method):
     """The baseline keeps every weight; its bpw is counted at 16 bits per weight, as stored in
     the fp16 checkpoint (the `bits` argument does not change that)."""
 
+    Config = FP16Config
     needs_calibration = False  # no block loop at all
     fixed_bits = 16
-    needs_hessian = False
 
     def quantize_layer(self, name: str, layer: nn.Linear, H: torch.Tensor | None) -> None:
         return None

@@ -1,22 +1,10 @@
-"""GPTQ (Frantar et al., 2023; reference IST-DASLab/gptq `gptq.py`/`quant.py`).
-
-Columns are quantized one at a time on the uniform grid of `scalar.py`; each column's rounding
-error is spread over the not yet quantized columns through the upper Cholesky factor of H⁻¹,
-with updates applied lazily per block of `blocksize` columns. The result is stored as a plain
-`ScalarQuantLinear`, so it reloads and runs like RTN.
-
-Deviations from the reference, each on purpose:
-  * scales are rounded to fp16 before codes are chosen (see scalar.py), so stored == computed;
-  * with groups (not static), a group's (scale, zero) is fitted to the group's columns *with all
-    error updates so far applied*; the reference reads the outer W, whose columns inside the
-    current block lack the in-block updates, so its grid depended on blocksize. Here the result
-    is independent of blocksize (up to fp32 summation order);
-  * the Cholesky is done in float64 and retried with 10x, 100x damping before giving up;
-  * act_order's sort is stable, so ties (e.g. H = I) keep column order.
+"""GPTQ (Frantar et al., 2023; reference IST-DASLab/gptq `gptq.py`/`quant.py`): the OBS column
+loop of second_order.py with the uniform grid of scalar.py as its column quantizer. The result
+is stored as a plain `ScalarQuantLinear`, so it reloads and runs like RTN. Deviations from the
+reference, each on purpose, are listed in docs/methods/gptq.md.
 """
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 
 import torch
@@ -24,13 +12,9 @@ from torch import nn
 
 from ttvq_bench.errors import QuantizationError
 from ttvq_methods.base import Method
-from ttvq_methods.registry import register_method
+from ttvq_methods.registry import METHODS
 from ttvq_methods.scalar import ScalarQuantLinear, n_groups_for, quant_params, quantize_to_codes
-
-log = logging.getLogger(__name__)
-
-DAMP_RETRIES = 2  # after percdamp fails: try 10x and 100x (0.01 -> 0.1 -> 1.0 of mean diag)
-
+from ttvq_methods.second_order import obs_quantize, prepare_hessian
 
 @dataclass
 class GPTQConfig:
@@ -53,54 +37,13 @@ class GPTQResult:
     g_idx: torch.Tensor  # (k,) group of each column
 
 
-def _hinv_upper(H: torch.Tensor, percdamp: float, name: str) -> torch.Tensor:
-    """Upper Cholesky factor U of (H + damp I)⁻¹, i.e. U with Uᵀ U = (H + damp I)⁻¹."""
-    k = H.shape[0]
-    idx = torch.arange(k, device=H.device)
-    mean_diag = H.diagonal().mean()
-    rels = [percdamp] + [max(percdamp, 1e-3) * 10**a for a in range(1, DAMP_RETRIES + 1)]
-    for rel in rels:
-        Hd = H.clone()
-        Hd[idx, idx] += rel * mean_diag
-        L, info = torch.linalg.cholesky_ex(Hd)
-        if info == 0:
-            U, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(L), upper=True)
-            if info == 0 and torch.isfinite(U).all():
-                return U
-        log.warning("gptq %s: Cholesky failed with damping %.3g x mean(diag H); retrying with more", name, rel)
-    raise QuantizationError(f"gptq {name}: Hessian not positive definite even with damping {rels[-1]:g} x mean(diag)")
-
-
-def _group_columns(W, W1, Err1, Hinv, i1, i, i2, end):
-    """Columns [i1+i, end) of the weight with every error update so far applied.
-
-    Inside the block they are in W1; past it, W still lacks the updates from this block's
-    columns i1..i1+i-1, which are added here (the lazy update would add them at block end)."""
-    c = i1 + i
-    inside = W1[:, i : min(end, i2) - i1]
-    if end <= i2:
-        return inside
-    outside = W[:, i2:end] - Err1[:, :i] @ Hinv[i1:c, i2:end]
-    return torch.cat([inside, outside], dim=1)
-
-
 @torch.no_grad()
 def gptq_quantize(W: torch.Tensor, H: torch.Tensor, bits: int, group_size: int = -1, sym: bool = False,
                   act_order: bool = False, static_groups: bool = False, percdamp: float = 0.01,
                   blocksize: int = 128, name: str = "") -> GPTQResult:
     m, k = W.shape
-    if H is None or tuple(H.shape) != (k, k):
-        raise QuantizationError(f"gptq {name}: needs an input Hessian of shape {(k, k)}, got {None if H is None else tuple(H.shape)}")
-    W = W.detach().float().clone()
-    H = H.detach().to(W.device, torch.float64).clone()
-    if not torch.isfinite(W).all() or not torch.isfinite(H).all():
-        raise QuantizationError(f"gptq {name}: weight or Hessian contains NaN/Inf")
-
-    # Columns no calibration input ever touched: their weight cannot matter, set it to 0.
-    dead = H.diagonal() == 0
-    H[dead, dead] = 1
-    W[:, dead] = 0
-
+    who = f"gptq {name}"
+    W, H = prepare_hessian(W, H, who)
     G = n_groups_for(k, group_size)
     gs = k if G == 1 else group_size
     dynamic = G > 1 and not static_groups  # grids fitted at group starts, in processing order
@@ -110,46 +53,40 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, bits: int, group_size: int =
         for g in range(G):
             scales[:, g], zeros[:, g] = quant_params(W[:, g * gs : (g + 1) * gs], bits, sym)
 
-    perm = torch.arange(k, device=W.device)
-    if act_order:
-        perm = torch.argsort(H.diagonal(), descending=True, stable=True)
-        W, H = W[:, perm], H[perm][:, perm]
+    perm = torch.argsort(H.diagonal(), descending=True, stable=True) if act_order else None
     # group of the column at each processing position
-    group_at = perm // gs if not dynamic else torch.arange(k, device=W.device) // gs
-
-    Hinv = _hinv_upper(H, percdamp, name).float()
+    group_at = perm // gs if perm is not None and not dynamic else torch.arange(k, device=W.device) // gs
     codes = torch.zeros_like(W)
-    for i1 in range(0, k, blocksize):
-        i2 = min(i1 + blocksize, k)
-        W1 = W[:, i1:i2].clone()
-        Err1 = torch.zeros_like(W1)
-        Hinv1 = Hinv[i1:i2, i1:i2]
-        for i in range(i2 - i1):
-            c = i1 + i
-            if dynamic and c % gs == 0:
-                cols = _group_columns(W, W1, Err1, Hinv, i1, i, i2, min(c + gs, k))
-                scales[:, c // gs], zeros[:, c // gs] = quant_params(cols, bits, sym)
-            g = int(group_at[c])
-            w = W1[:, i]
-            q = quantize_to_codes(w, scales[:, g], zeros[:, g], bits)
-            codes[:, c] = q
-            err = (w - scales[:, g] * (q - zeros[:, g])) / Hinv1[i, i]
-            W1[:, i:] -= torch.outer(err, Hinv1[i, i:])
-            Err1[:, i] = err
-        W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
 
-    invperm = torch.argsort(perm)
-    codes, g_idx = codes[:, invperm], group_at[invperm]
+    def quantize_column(c: int, w: torch.Tensor, ahead) -> torch.Tensor:
+        if dynamic and c % gs == 0:  # the group's grid, from its columns with every update so far
+            scales[:, c // gs], zeros[:, c // gs] = quant_params(ahead(min(c + gs, k)), bits, sym)
+        g = int(group_at[c])
+        q = quantize_to_codes(w, scales[:, g], zeros[:, g], bits)
+        codes[:, c] = q
+        return scales[:, g] * (q - zeros[:, g])
+
+    obs_quantize(W, H, quantize_column, percdamp=percdamp, blocksize=blocksize, who=who, order=perm)
+    if perm is not None:
+        invperm = torch.argsort(perm)
+        codes, g_idx = codes[:, invperm], group_at[invperm]
+    else:
+        g_idx = group_at
     Q = scales[:, g_idx] * (codes - zeros[:, g_idx])  # the expression dequantize() evaluates
     if not torch.isfinite(Q).all():
         raise QuantizationError(f"gptq {name}: result contains NaN/Inf")
     return GPTQResult(Q=Q, codes=codes, scales=scales, zeros=zeros, g_idx=g_idx)
 
 
-@register_method("gptq", GPTQConfig)
+@METHODS.register("gptq")
 class GPTQ(Method):
+    Config = GPTQConfig
     needs_hessian = True
     supported_bits = tuple(range(1, 9))
+
+    @property
+    def true_sequential(self) -> bool:
+        return self.cfg.true_sequential
 
     def quantize_layer(self, name: str, layer: nn.Linear, H: torch.Tensor | None) -> nn.Module:
         c = self.cfg

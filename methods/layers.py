@@ -3,9 +3,11 @@
 A quantized layer stores only what inference needs, as registered buffers (so `state_dict()`
 is exactly the stored representation), and answers:
   dequantize()   -> the (out, in) fp32 weight it represents
-  forward(x)     -> x @ dequantize().T + bias   (plain torch path; kernels add fused paths)
+  forward(x)     -> through the kernel the selector picks (ttvq_kernels.selector); the torch
+                    path computes x @ dequantize().T + bias
   stored_bits()  -> every stored bit: the sum over its persistent buffers, nothing else
   meta()         -> JSON-able constructor arguments, so a checkpoint can rebuild the layer
+  upgrade()      -> how a checkpoint written by older code maps onto today's layer
 The record's bpw is computed from `stored_bits()` alone, never from a formula beside it.
 """
 from __future__ import annotations
@@ -13,8 +15,9 @@ from __future__ import annotations
 from typing import Any, ClassVar
 
 import torch
-import torch.nn.functional as F
 from torch import nn
+
+from ttvq_kernels.selector import select
 
 
 class QuantizedLinear(nn.Module):
@@ -37,9 +40,15 @@ class QuantizedLinear(nn.Module):
         raise NotImplementedError
 
     @classmethod
-    def from_meta(cls, meta: dict[str, Any]) -> "QuantizedLinear":  # pragma: no cover - abstract
+    def from_meta(cls, meta: dict[str, Any]) -> "QuantizedLinear":
         """An instance with correctly shaped (empty) buffers, ready for load_state_dict."""
-        raise NotImplementedError
+        return cls(**meta)
+
+    @classmethod
+    def upgrade(cls, kind: str, meta: dict[str, Any]) -> tuple[dict[str, Any], dict[str, str]]:
+        """(today's meta, {old buffer name: new name}) for a layer a checkpoint stored as
+        `kind` with `meta`. Identity unless a layer's stored form changed."""
+        return meta, {}
 
     # -- shared -------------------------------------------------------------------------------
     @property
@@ -57,18 +66,19 @@ class QuantizedLinear(nn.Module):
 
     def weight_for_forward(self) -> torch.Tensor:
         # Dequantizing packed codes on every call would dominate evaluation time; the cache is
-        # not a buffer, so it is never saved and never counted.
-        if self._w_cache is None or self.training:
-            w = self.dequantize()
-            if self.training:
-                return w
-            self._w_cache = w
+        # not a buffer, so it is never saved and never counted. A layer that holds parameters
+        # is being trained (its stored form has buffers only): every call rebuilds its weight.
+        if self.training or next(self.parameters(), None) is not None:
+            return self.dequantize()
+        if self._w_cache is None:
+            self._w_cache = self.dequantize()
         return self._w_cache
 
+    def bias_for_forward(self) -> torch.Tensor | None:
+        return getattr(self, "bias", None) if self.has_bias else None
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        w = self.weight_for_forward().to(x.dtype)
-        bias = getattr(self, "bias", None) if self.has_bias else None
-        return F.linear(x, w, None if bias is None else bias.to(x.dtype))
+        return select(self, x).run(self, x)
 
     def extra_repr(self) -> str:
         return f"{self.in_features}->{self.out_features}, kind={self.kind}, bpw={self.bpw():.3f}"

@@ -1,61 +1,40 @@
-"""Method registry: a method is one file that registers a config dataclass and a class.
+"""The method and layer-kind registries, and how method modules are found.
 
-    @register_method("rtn", RTNConfig)
-    class RTN(Method): ...
-
-The run looks methods up by `cfg.method.name`; it never branches on a method's name.
-Quantized layer types register the same way (by `kind`) so checkpoints can be reloaded.
+Adding a method is its file in `methods/` (which registers itself with `@METHODS.register`)
+plus its yaml in `conf/method/`; nothing else is edited. Every module of this package is
+imported on the first lookup. Methods that live outside the package (a research fork, a test)
+are imported from the modules named in the environment variable TTVQ_PLUGINS (comma-separated)
+and from the `ttvq_bench.plugins` entry-point group of installed packages.
 """
 from __future__ import annotations
 
 import importlib
-from typing import TYPE_CHECKING
+import os
+import pkgutil
+from importlib import metadata
 
 from ttvq_bench.errors import ConfigError
+from ttvq_bench.registry import Registry
+from ttvq_methods.base import Method
+from ttvq_methods.layers import QuantizedLinear
 
-if TYPE_CHECKING:  # pragma: no cover
-    from ttvq_methods.base import Method
-    from ttvq_methods.layers import QuantizedLinear
-
-METHODS: dict[str, tuple[type, type]] = {}  # name -> (Method class, Config dataclass)
-LAYERS: dict[str, type] = {}  # kind -> QuantizedLinear subclass
-
-# Modules imported on first lookup so that each registers itself. Adding a method means
-# adding its module here (one line) plus its file and its yaml.
-_METHOD_MODULES = ("fp16", "rtn", "gptq", "vptq", "ttvq")
+PLUGINS_ENV = "TTVQ_PLUGINS"
 
 
-def register_method(name: str, config_cls: type):
-    def wrap(cls):
-        if name in METHODS and METHODS[name][0] is not cls:
-            raise RuntimeError(f"method {name!r} registered twice")
-        cls.name = name
-        cls.Config = config_cls
-        METHODS[name] = (cls, config_cls)
-        return cls
+def import_method_modules() -> None:
+    import ttvq_methods
 
-    return wrap
-
-
-def register_layer(cls):
-    LAYERS[cls.kind] = cls
-    return cls
+    for info in pkgutil.walk_packages(ttvq_methods.__path__, "ttvq_methods."):
+        importlib.import_module(info.name)
+    for name in filter(None, (s.strip() for s in os.environ.get(PLUGINS_ENV, "").split(","))):
+        try:
+            importlib.import_module(name)
+        except ImportError as e:
+            raise ConfigError(f"{PLUGINS_ENV}: cannot import {name!r}: {e}") from None
+    for ep in metadata.entry_points(group="ttvq_bench.plugins"):
+        ep.load()
 
 
-def load_all() -> None:
-    for mod in _METHOD_MODULES:
-        importlib.import_module(f"ttvq_methods.{mod}")
-
-
-def get_method(name: str) -> tuple[type, type]:
-    load_all()
-    if name not in METHODS:
-        raise ConfigError(f"unknown method {name!r}; known: {', '.join(sorted(METHODS))}")
-    return METHODS[name]
-
-
-def get_layer(kind: str) -> type:
-    load_all()
-    if kind not in LAYERS:
-        raise ConfigError(f"checkpoint holds unknown layer kind {kind!r}; known: {', '.join(sorted(LAYERS))}")
-    return LAYERS[kind]
+# Filled by the modules themselves; the base classes check what registers.
+METHODS: Registry[type[Method]] = Registry("method", Method, discover=import_method_modules)
+LAYERS: Registry[type[QuantizedLinear]] = Registry("quantized layer kind", QuantizedLinear, discover=import_method_modules)

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from ttvq_methods.base import Method
-from ttvq_methods.registry import register_method
+from ttvq_methods.registry import METHODS
 from ttvq_methods.scalar import ScalarQuantLinear, rtn_quantize
 
 
@@ -18,11 +18,11 @@ class RTNConfig:
     sym: bool = False
 
 
-@register_method("rtn", RTNConfig)
+@METHODS.register("rtn")
 class RTN(Method):
     # needs_calibration keeps the base default (True): RTN goes through the same block loop
-    # as the other methods and simply ignores the data and H.
-    needs_hessian = False
+    # as the other methods and simply ignores the data.
+    Config = RTNConfig
     supported_bits = tuple(range(1, 9))
 
     @torch.no_grad()

@@ -20,7 +20,7 @@ import torch
 from ttvq_bench.errors import QuantizationError
 from ttvq_methods.layers import QuantizedLinear
 from ttvq_methods.packing import pack, packed_nbytes, unpack
-from ttvq_methods.registry import register_layer
+from ttvq_methods.registry import LAYERS
 
 # Smallest positive fp16 (subnormal). Clamping here keeps a near-zero row's scale > 0 after
 # the fp16 round; such a row quantizes to ~0, which is what it is.
@@ -85,7 +85,7 @@ def rtn_quantize(W: torch.Tensor, bits: int, group_size: int, sym: bool):
     return codes, scales, zeros
 
 
-@register_layer
+@LAYERS.register("scalar")
 class ScalarQuantLinear(QuantizedLinear):
     """Buffers: codes (packed, bits each), scales fp16 (out, G), zeros (packed, bits each; absent
     when symmetric), g_idx (packed, ceil(log2 G) bits; only when act_order changed which group a
@@ -163,7 +163,3 @@ class ScalarQuantLinear(QuantizedLinear):
         return dict(in_features=self.in_features, out_features=self.out_features, bits=self.bits,
                     group_size=self.group_size, sym=self.sym, has_g_idx=self.has_g_idx,
                     has_bias=self.has_bias)
-
-    @classmethod
-    def from_meta(cls, meta: dict[str, Any]) -> "ScalarQuantLinear":
-        return cls(**meta)

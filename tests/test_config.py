@@ -57,7 +57,8 @@ def test_unknown_method_fails(compose):
 
 
 @pytest.mark.parametrize("override,key", [
-    ("bits=0", "bits"), ("eval.ppl.seqlen=-1", "eval.ppl.seqlen"), ("logger.wandb.mode=sometimes", "logger.wandb.mode"),
+    ("bits=0", "bits"), ("eval.ppl.seqlen=-1", "eval.ppl.seqlen"), ("model.kind=onnx", "model.kind"),
+    ("data.kind=books", "data.kind"),
     ("data.calib_fraction=1.5", "data.calib_fraction"), ("eval.ppl.stride=999", "eval.ppl.stride"),
 ])
 def test_validate_names_the_key(compose, override, key):
@@ -65,9 +66,23 @@ def test_validate_names_the_key(compose, override, key):
         validate(compose([override]))
 
 
-def test_bits_a_method_cannot_do(compose):
-    from ttvq_methods.registry import get_method
+@pytest.mark.parametrize("override, key", [
+    ("logger.wandb.mode=sometimes", "logger.wandb.mode"), ("model.storage_dtype=float8", "model.storage_dtype"),
+    ("method=vptq method.norm=column", "method.norm"), ("method=vptq method.codebook_scope=everything", "method.codebook_scope"),
+    ("method=ttvq method.index_update=sometimes", "method.index_update"), ("method=ttvq method.peft_params=[codebook,lora]", "method.peft_params"),
+    ("method=vptq method.kmeans_init=kmeans++", "method.kmeans_init"),
+])
+def test_closed_choices_fail_while_composing(compose, override, key):
+    """Closed choices are enums: Hydra itself rejects another value, naming the key."""
+    with pytest.raises(Exception) as e:
+        compose(override.split())
+    text = f"{e.value} {e.value.__cause__}"
+    assert key.split(".")[-1] in text and "expected one of" in text
 
-    cls, _ = get_method("rtn")
+
+def test_bits_a_method_cannot_do(compose):
+    from ttvq_methods.registry import METHODS
+
+    cls = METHODS.get("rtn")
     with pytest.raises(ConfigError, match="bits=16"):
         cls(cls.Config(), 16)

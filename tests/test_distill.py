@@ -7,9 +7,9 @@ import pytest
 import torch
 from torch import nn
 
-from ttvq_methods.blockwise import capture_inputs, run_block
-from ttvq_methods.distill import (TrainConfig, block_kwargs, block_mse, distill_block, distill_model, kl_loss,
+from ttvq_methods.distill import (TrainConfig, block_mse, distill_block, distill_model, kl_loss,
                                   split_windows, teacher_logprobs, trainable_fraction)
+from ttvq_methods.model_walk import block_kwargs, capture_inputs, run_block
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -140,7 +140,7 @@ def test_kl_loss_zero_for_same_model():
 
 
 def test_sample_windows_seeded_from_bos():
-    from ttvq_methods.distill import sample_windows
+    from ttvq_methods.teacher import sample_windows
 
     m = small_llama()
     a = sample_windows(m, 5, 12, bos_id=1, seed=3, batch_size=2)

@@ -8,8 +8,8 @@ from torch import nn
 
 from ttvq_bench.errors import QuantizationError
 from ttvq_methods.gptq import GPTQ, GPTQConfig, gptq_quantize
-from ttvq_methods.hessian import HessianAccumulator, layer_proxy_loss
-from ttvq_methods.registry import get_layer, get_method
+from ttvq_methods.registry import LAYERS, METHODS
+from ttvq_methods.second_order import HessianAccumulator, layer_proxy_loss
 from ttvq_methods.scalar import quant_params, quantize_to_codes, rtn_quantize
 
 K, M = 172, 48  # 172 is not a multiple of 32: last group has 12 columns
@@ -135,7 +135,7 @@ def test_layer_stores_exactly_what_gptq_computed(setup, kw, stores_g_idx):
         assert torch.bincount(layer.column_groups()).tolist() == [32] * 5 + [12]
         assert not torch.equal(layer.column_groups(), torch.arange(K) // 32)
     # reload through meta, bit-exact
-    re = get_layer("scalar").from_meta(json.loads(json.dumps(layer.meta())))
+    re = LAYERS.get("scalar").from_meta(json.loads(json.dumps(layer.meta())))
     re.load_state_dict(layer.state_dict(), strict=True)
     assert torch.equal(re.dequantize(), r.Q)
     x = torch.randn(5, K)
@@ -186,5 +186,5 @@ def test_more_damping_rescues_slightly_indefinite_hessian():
 
 
 def test_registered():
-    cls, cfg = get_method("gptq")
-    assert cls is GPTQ and cfg is GPTQConfig and GPTQ.needs_hessian
+    cls = METHODS.get("gptq")
+    assert cls is GPTQ and cls.Config is GPTQConfig and GPTQ.needs_hessian

@@ -22,7 +22,7 @@ def brute_nearest(x, C, w=None):
     return ((x[:, None, :] - C[None]) ** 2 * w[:, None, :]).sum(-1).argmin(1)
 
 
-@pytest.mark.parametrize("init", ["kmeans++", "random"])
+@pytest.mark.parametrize("init", ["kmeanspp", "random"])
 def test_same_seed_same_result(init):
     x, w = blobs(1000), torch.rand(1000, generator=torch.Generator().manual_seed(3))
     a = kmeans(x, 16, w, init=init, seed=7)

@@ -8,7 +8,7 @@ from torch import nn
 
 from ttvq_bench.errors import ConfigError, QuantizationError
 from ttvq_methods.packing import unpack
-from ttvq_methods.registry import get_layer, get_method
+from ttvq_methods.registry import LAYERS, METHODS
 from ttvq_methods.rtn import RTN, RTNConfig
 from ttvq_methods.scalar import ScalarQuantLinear
 
@@ -113,7 +113,7 @@ def test_state_dict_round_trip_through_meta(sym):
     meta = json.loads(json.dumps(q.meta()))  # must be JSON-able
     assert meta == dict(in_features=50, out_features=7, bits=4, group_size=16, sym=sym,
                         has_g_idx=False, has_bias=True)
-    r = get_layer("scalar").from_meta(meta)
+    r = LAYERS.get("scalar").from_meta(meta)
     assert type(r) is ScalarQuantLinear
     r.load_state_dict(q.state_dict(), strict=True)
     for key, t in q.state_dict().items():
@@ -138,8 +138,8 @@ def test_more_bits_less_error_and_8_bit_close():
 
 
 def test_registry_and_bits_and_nan():
-    cls, cfg = get_method("rtn")
-    assert cls is RTN and cfg is RTNConfig and not RTN.needs_hessian
+    cls = METHODS.get("rtn")
+    assert cls is RTN and cls.Config is RTNConfig and not RTN.needs_hessian
     with pytest.raises(ConfigError):
         RTN(RTNConfig(), 9)
     W = torch.randn(3, 8)

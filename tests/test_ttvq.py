@@ -1,7 +1,9 @@
-"""TTVQ: the trainable VQ layer (straight-through gradients checked by hand, index updates,
-exact stored form without the latent) and the method end to end on the tiny model (frozen
-codebook stays bit-identical, frozen indices never change, block-wise distillation lowers the
-held-out block MSE, the checkpoint reproduces the trained model exactly, config errors)."""
+"""TTVQ: the VQ layer's trainable mode (straight-through gradients checked by hand, index
+updates, exact stored form without the latent) and the method end to end on the tiny model
+(frozen codebook stays bit-identical, frozen indices never change, block-wise distillation
+lowers the held-out block MSE, the checkpoint reproduces the trained model exactly, config
+errors)."""
+import copy
 import math
 
 import pytest
@@ -9,20 +11,21 @@ import torch
 from torch import nn
 
 from ttvq_bench.errors import ConfigError
+from ttvq_methods.base import make_config
 from ttvq_methods.checkpoint import load_module_state, save_module_state
-from ttvq_methods.registry import get_method
-from ttvq_methods.ttvq import TTVQ, TTVQConfig, ttvq_spec
-from ttvq_methods.vq.layer import VQLinear
-from ttvq_methods.vq.trainable import TrainableVQ, VQLoRALinear
+from ttvq_methods.model_walk import modules_of
+from ttvq_methods.registry import METHODS
+from ttvq_methods.ttvq import TTVQ, TTVQConfig
+from ttvq_methods.vq.layer import VQLinear, stored_mode, train_mode
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def hand_layer(norm="tensor"):
     """in=2, out=4, d=2, K=3, vectors along the output dim: column j = s·[C[I[j,0]], C[I[j,1]]]."""
-    q = VQLinear(2, 4, vector_len=2, codebook_size=3, orientation="out", norm=norm)
-    q.codebook.copy_(torch.tensor([[1.0, 2.0], [3.0, -1.0], [0.0, 0.5]]).half())
-    q.set_codes(torch.tensor([[0, 1], [2, 0]]))
+    q = VQLinear(2, 4, vector_len=2, codebook_sizes=3, orientation="out", norm=norm)
+    q.codebook0.copy_(torch.tensor([[1.0, 2.0], [3.0, -1.0], [0.0, 0.5]]).half())
+    q.set_codes([torch.tensor([[0, 1], [2, 0]])])
     if norm == "tensor":
         q.set_norm(torch.tensor([2.0]))
     return q
@@ -34,7 +37,7 @@ def test_straight_through_gradients_by_hand():
     W_hat = s * torch.tensor([[1.0, 0.0], [2.0, 0.5], [3.0, 1.0], [-1.0, 2.0]])
     assert torch.equal(q.dequantize(), W_hat)
     W_fp = W_hat + 0.1  # the latent starts at the full-precision weight, normalised: W_fp / s
-    t = TrainableVQ.from_stored(q, W_fp).train()
+    t = q.make_trainable(W_fp).train()
     assert torch.allclose(t.latent, W_fp.T / s)
     x = torch.tensor([[1.0, -2.0]])
     g = torch.tensor([1.0, 2.0, -1.0, 0.5])
@@ -44,43 +47,55 @@ def test_straight_through_gradients_by_hand():
     # dL/dŴ[o, j] = g[o] x[j]; the latent (line j = input column j, normalised) gets s·g·x[j]
     assert torch.allclose(t.latent.grad, torch.tensor([[2.0, 4.0, -2.0, 1.0], [-4.0, -8.0, 4.0, -2.0]]))
     # codeword k: the sum over its vectors: C0 holds (col0, rows 0-1) and (col1, rows 2-3)
-    assert torch.allclose(t.codebook.grad, torch.tensor([[2.0 + 4.0, 4.0 - 2.0], [-2.0, 1.0], [-4.0, -8.0]]))
+    assert torch.allclose(t.codebook0.grad, torch.tensor([[2.0 + 4.0, 4.0 - 2.0], [-2.0, 1.0], [-4.0, -8.0]]))
     # dL/ds = Σ g[o] x[j] C[I][o, j] = (1 + 4 - 3 - 0.5) + (0 - 2 + 2 - 2)
     assert torch.allclose(t.norm_scale.grad, torch.tensor([-0.5]))
 
 
 def test_index_update_nearest_fraction_and_padding():
-    q = VQLinear(3, 2, vector_len=2, codebook_size=4, orientation="out")
-    q.codebook.copy_(torch.tensor([[0.0, 0.0], [1.0, 0.0], [0.0, 1.0], [5.0, 5.0]]).half())
-    q.set_codes(torch.full((3, 1), 3))
+    q = VQLinear(3, 2, vector_len=2, codebook_sizes=4, orientation="out")
+    q.codebook0.copy_(torch.tensor([[0.0, 0.0], [1.0, 0.0], [0.0, 1.0], [5.0, 5.0]]).half())
+    q.set_codes([torch.full((3, 1), 3)])
     lat = torch.tensor([[0.9, 0.1], [0.1, 0.2], [0.2, 1.1]])  # lines: nearest 1, 0, 2
-    t = TrainableVQ.from_stored(q, lat.T)
+    t = q.make_trainable(lat.T)
+    codes = t.int_codes()["codes0"]
     r = t.update_indices(fraction=0.2)  # at most ceil(0.6) = 1 vector: the largest gain (vector 1)
-    assert r == {"n": 3, "changed": 1} and t.codes.view(-1).tolist() == [3, 0, 3]
-    assert t.update_indices(1.0)["changed"] == 2 and t.codes.view(-1).tolist() == [1, 0, 2]
+    assert r == {"n": 3, "changed": 1} and codes.view(-1).tolist() == [3, 0, 3]
+    assert t.update_indices(1.0)["changed"] == 2 and codes.view(-1).tolist() == [1, 0, 2]
     assert t.update_indices(1.0)["changed"] == 0
     # a padded entry never decides: line length 3, d = 2 -> the second vector is [x, pad]
-    p = VQLinear(1, 3, vector_len=2, codebook_size=2, orientation="out")
-    p.codebook.copy_(torch.tensor([[0.0, 0.0], [1.0, 100.0]]).half())
-    p.set_codes(torch.zeros(1, 2, dtype=torch.long))
-    t = TrainableVQ.from_stored(p, torch.tensor([[0.0], [0.0], [0.9]]))
+    p = VQLinear(1, 3, vector_len=2, codebook_sizes=2, orientation="out")
+    p.codebook0.copy_(torch.tensor([[0.0, 0.0], [1.0, 100.0]]).half())
+    p.set_codes([torch.zeros(1, 2, dtype=torch.long)])
+    t = p.make_trainable(torch.tensor([[0.0], [0.0], [0.9]]))
     t.update_indices()
-    assert t.codes.tolist() == [[0, 1]]
+    assert t.int_codes()["codes0"].tolist() == [[0, 1]]
+
+
+def test_residual_update_is_greedy_and_never_worse():
+    """M = 2: nearest main codeword, then the nearest residual codeword to what is left."""
+    q = VQLinear(2, 2, vector_len=2, codebook_sizes=[2, 2], orientation="out")
+    q.codebook0.copy_(torch.tensor([[0.0, 0.0], [2.0, 2.0]]).half())
+    q.codebook1.copy_(torch.tensor([[0.0, 0.0], [0.5, -0.5]]).half())
+    q.set_codes([torch.zeros(2, 1, dtype=torch.long)] * 2)
+    t = q.make_trainable(torch.tensor([[2.4, 0.1], [1.6, -0.1]]))  # lines [2.4, 1.6] and [0.1, -0.1]
+    assert t.update_indices() == {"n": 2, "changed": 1}
+    assert t.int_codes()["codes0"].view(-1).tolist() == [1, 0] and t.int_codes()["codes1"].view(-1).tolist() == [1, 0]
 
 
 def test_gradient_mode_latent_has_no_memory():
     q = hand_layer()
-    t = TrainableVQ.from_stored(q, torch.randn(4, 2))
+    t = copy.deepcopy(q).make_trainable(torch.randn(4, 2))
     t.reset_latent()
     assert torch.equal(t.latent, (q.dequantize() / 2.0).T)
-    assert TrainableVQ.from_stored(q, None).update_indices() == {"n": 0, "changed": 0}
+    assert hand_layer().make_trainable(None).update_indices() == {"n": 0, "changed": 0}
 
 
 def random_vq(in_f=8, out=12, d=4, K=16, norm="line", norm_bias=True, seed=0):
     g = torch.Generator().manual_seed(seed)
-    q = VQLinear(in_f, out, vector_len=d, codebook_size=K, orientation="out", norm=norm, norm_bias=norm_bias)
-    q.codebook.copy_(torch.randn(K, d, generator=g).half())
-    q.set_codes(torch.randint(0, K, (q.n_reg, q.nv), generator=g))
+    q = VQLinear(in_f, out, vector_len=d, codebook_sizes=K, orientation="out", norm=norm, norm_bias=norm_bias)
+    q.codebook0.copy_(torch.randn(K, d, generator=g).half())
+    q.set_codes([torch.randint(0, K, (q.n_reg, q.nv), generator=g)])
     q.set_norm(torch.rand(in_f, generator=g) + 0.5, torch.randn(in_f, generator=g) * 0.1)
     return q
 
@@ -88,7 +103,7 @@ def random_vq(in_f=8, out=12, d=4, K=16, norm="line", norm_bias=True, seed=0):
 @pytest.mark.parametrize("lora_rank", [0, 2])
 def test_stored_form_is_exact_and_has_no_latent(lora_rank, tmp_path):
     q = random_vq()
-    t = TrainableVQ.from_stored(q, q.dequantize() + 0.05 * torch.randn(12, 8), lora_rank=lora_rank).train()
+    t = q.make_trainable(q.dequantize() + 0.05 * torch.randn(12, 8), lora_rank=lora_rank).train()
     opt = torch.optim.Adam(t.parameters(), lr=1e-2)
     x = torch.randn(5, 8)
     for _ in range(3):
@@ -98,58 +113,75 @@ def test_stored_form_is_exact_and_has_no_latent(lora_rank, tmp_path):
         t.update_indices()
     t.round_to_storage()
     t.eval()
-    stored = t.to_stored()
-    assert type(stored) is (VQLoRALinear if lora_rank else VQLinear)
-    assert not any("latent" in k for k in stored.state_dict())
-    assert torch.equal(stored(x), t(x))
+    y = t(x)
+    stored = t.make_stored()
+    assert stored is q and not q.trainable and next(q.parameters(), None) is None
+    assert not any("latent" in k for k in stored.state_dict()) and stored.lora_rank == lora_rank
+    assert torch.equal(stored(x), y)
     holder = nn.Sequential(stored)
     save_module_state(holder, tmp_path / "l.safetensors")
     fresh = nn.Sequential(nn.Linear(8, 12, bias=False))
     load_module_state(fresh, tmp_path / "l.safetensors")
-    assert torch.equal(fresh(x), t(x))
+    assert torch.equal(fresh(x), y)
     assert fresh[0].stored_bits() == stored.stored_bits()
     if lora_rank:  # the adapter is stored fp16 and counted
         assert stored.stored_bits() == random_vq().stored_bits() + lora_rank * (8 + 12) * 16
 
 
 def test_shared_codebook_is_one_parameter_and_one_stored_tensor():
-    a, b = random_vq(seed=1), random_vq(seed=2)
-    b.share("codebook", a.codebook, "model")
-    a.shared["codebook"] = "model"
-    shared = {}
-    ta, tb = TrainableVQ.from_stored(a, None, shared=shared), TrainableVQ.from_stored(b, None, shared=shared)
-    assert ta.codebook is tb.codebook
+    def pair():
+        a, b = random_vq(seed=1), random_vq(seed=2)
+        b.share("codebook0", a.codebook0, "model")
+        a.shared["codebook0"] = "model"
+        return a, b
+
+    a, b = pair()
+    train_mode({"a": a, "b": b})
+    assert isinstance(a.codebook0, nn.Parameter) and a.codebook0 is b.codebook0
     x = torch.randn(3, 8)
-    (ta.train()(x).sum() + tb.train()(x).sum()).backward()
-    ga = TrainableVQ.from_stored(a, None).train()
-    ga(x).sum().backward()
-    assert not torch.allclose(ta.codebook.grad, ga.codebook.grad)  # the gradient sums both layers
-    stored = {}
-    sa, sb = ta.to_stored(stored), tb.to_stored(stored)
-    assert sa.codebook is sb.codebook and sa.shared == {"codebook": "model"}
+    (a.train()(x).sum() + b.train()(x).sum()).backward()
+    alone = pair()[0].make_trainable(None).train()
+    alone(x).sum().backward()
+    assert not torch.allclose(a.codebook0.grad, alone.codebook0.grad)  # the gradient sums both layers
+    stored_mode([a, b])
+    assert a.codebook0 is b.codebook0 and a.shared == {"codebook0": "model"}
+    # unchanged, a shared codebook stays the very tensor other (untrained) holders have
+    c, d = pair()
+    held = c.codebook0
+    train_mode({"c": c})
+    stored_mode([c])
+    assert c.codebook0 is held and d.codebook0 is held
 
 
 def test_config_errors():
-    cls, _ = get_method("ttvq")
-    with pytest.raises(ConfigError, match="aqlm.*not implemented"):
+    cls = METHODS.get("ttvq")
+    with pytest.raises(ConfigError, match="unknown method 'aqlm'"):
         cls(TTVQConfig(init="aqlm"), 2)
-    for bad in (dict(init="gptq"), dict(index_update="sometimes"), dict(codebook="learned"),
-                dict(update_fraction=0.0), dict(update_period=0), dict(peft_params=["codebook", "lora"]),
-                dict(block_inputs="teacher")):
-        with pytest.raises(ConfigError):
+    with pytest.raises(ConfigError, match="not a VQ method"):
+        cls(TTVQConfig(init="gptq"), 2)
+    with pytest.raises(ConfigError, match="init_args.vptq.codebook_scope"):
+        cls(TTVQConfig(init_args={"vptq": {"codebook_scope": "everything"}}), 2)
+    with pytest.raises(ConfigError, match="index_update"):
+        make_config(TTVQConfig, {"index_update": "sometimes"}, "ttvq")
+    for bad in (dict(update_fraction=0.0), dict(update_period=0), dict(block_epochs=-1), dict(peft_batch_size=0)):
+        with pytest.raises(ConfigError, match=next(iter(bad))):
             cls(TTVQConfig(**bad), 2)
-    assert ttvq_spec(2, TTVQConfig()).index_bpw == 2.0 and ttvq_spec(3, TTVQConfig()).index_bpw == pytest.approx(8 / 3)
+    assert TTVQ(TTVQConfig(), 2).init.spec.index_bpw == 2.0 and TTVQ(TTVQConfig(), 3).init.spec.index_bpw == pytest.approx(8 / 3)
+    assert TTVQ(TTVQConfig(), 2).init.cfg.codebook_scope == "model"
 
 
 def test_yaml_composes(compose):
-    cfg = compose(["method=ttvq", "bits=2"])
+    cfg = compose(["method=ttvq", "bits=2", "method.init_args.vptq.vector_len=3"])
     assert cfg.method.name == "ttvq" and cfg.method.index_update == "latent" and cfg.method.init == "vptq"
+    from omegaconf import OmegaConf
+
+    assert TTVQ(OmegaConf.to_object(cfg.method), 2).init.spec.vector_len == 3
     abl = compose(["experiment=ttvq_ablation"])
     assert abl.method.name == "ttvq" and abl.eval.ppl.seqlen == 256
 
 
 # -- the method on the tiny model -------------------------------------------------------------------
-FAST = ["bits=2", "method.kmeans_iters=10", "method.block_epochs=3", "method.peft_epochs=2",
+FAST = ["bits=2", "+method.init_args.vptq.kmeans_iters=10", "+method.init_args.kmeans.kmeans_iters=10", "method.block_epochs=3", "method.peft_epochs=2",
         "method.block_batch_size=2", "method.peft_batch_size=2", "method.update_period=1",
         "method.val_fraction=0.25", "method.lr_latent=1e-2", "method.lr_codebook=1e-3",
         "method.peft_lr_codebook=1e-3", "method.peft_lr_norm=1e-3"]
@@ -180,8 +212,7 @@ def tiny_ttvq(tiny_cfg):
 
         method.quantize_layer = recording
         quantize_blockwise(lm.model, calib, method, batch_size=4, progress=False)
-        method.finalize(lm.model, calib)
-        final = {n: m for n, m in lm.model.named_modules() if isinstance(m, VQLinear)}
+        final = modules_of(lm.model, VQLinear)
         return lm, calib, method, init, final
 
     return run
@@ -192,7 +223,7 @@ def test_frozen_codebook_is_bit_identical(tiny_ttvq, init_method):
     lm, _, method, init, final = tiny_ttvq("method.codebook=frozen", f"method.init={init_method}")
     assert len(final) == 14 and set(final) == set(init)
     for n, m in final.items():
-        assert torch.equal(m.codebook, init[n]["codebook"]), n
+        assert torch.equal(m.codebook0, init[n]["codebook0"]), n
     rep = method.report()
     assert rep["peft"]["steps"] > 0  # PEFT ran (scales, norms) with the codebook frozen
     if init_method == "kmeans":
@@ -206,14 +237,14 @@ def test_frozen_codebook_is_bit_identical(tiny_ttvq, init_method):
 def test_frozen_indices_never_change(tiny_ttvq):
     _, _, method, init, final = tiny_ttvq("method.index_update=frozen")
     for n, m in final.items():
-        assert torch.equal(m.codes, init[n]["codes"]), n
+        assert torch.equal(m.codes0, init[n]["codes0"]), n
     assert all(b["index_updates"] == 0 for b in method.report()["blocks"].values())
 
 
 def test_latent_updates_move_indices_and_blockwise_lowers_heldout_mse(tiny_ttvq):
     _, _, method, init, final = tiny_ttvq("method.init=kmeans")
     rep = method.report()
-    assert sum(not torch.equal(m.codes, init[n]["codes"]) for n, m in final.items()) > 0
+    assert sum(not torch.equal(m.codes0, init[n]["codes0"]) for n, m in final.items()) > 0
     for b, r in rep["blocks"].items():
         assert r["index_updates"] > 0 and r["final_index_change"] > 0
         assert r["val_mse_after"] < r["val_mse_before"], (b, r)  # held-out calibration windows
@@ -227,8 +258,8 @@ def test_checkpoint_has_no_latent_and_reproduces_outputs(tiny_ttvq, tiny_cfg, tm
     from ttvq_methods.checkpoint import round_to_storage
 
     lm, calib, _, _, final = tiny_ttvq("method.lora_rank=1")
-    assert all(isinstance(m, VQLoRALinear) for m in final.values())
-    assert not any(isinstance(m, TrainableVQ) for m in lm.model.modules())
+    assert all(m.lora_rank == 1 and not m.trainable for m in final.values())
+    assert next(lm.model.parameters()).requires_grad is False and not any("lora" in n for n, _ in lm.model.named_parameters())
     round_to_storage(lm.model, "float16")
     with torch.no_grad():
         ref = lm.model(input_ids=calib[:2]).logits
@@ -259,21 +290,21 @@ def test_run_job_records_report_and_reloads(tiny_cfg, tmp_path):
 
 @pytest.mark.parametrize("norm", ["line", "tensor"])
 def test_compensated_latent_reproduces_the_init_codes(norm):
-    from ttvq_methods.ttvq import compensated_weight
-
     g = torch.Generator().manual_seed(0)
     X = torch.randn(512, 12, generator=g) @ (torch.eye(12) + 0.5 * torch.randn(12, 12, generator=g))
     H = X.T @ X / 512
     lin = nn.Linear(12, 16, bias=False)
     lin.weight.data = torch.randn(16, 12, generator=g)
-    m = TTVQ(TTVQConfig(codebook_scope="layer", vector_len=4, codebook_size=16, norm=norm, kmeans_iters=20), 2)
+    shape = dict(codebook_scope="layer", vector_len=4, codebook_size=16, kmeans_iters=20)
+    m = TTVQ(TTVQConfig(init_args={"vptq": dict(shape, norm=norm)}), 2)
     q = m.init.quantize_layer("l", lin, H)
     # GPTQ-style assignment: the codes are the nearest codewords of the error-compensated
     # weight, not of W itself.
-    assert TrainableVQ.from_stored(q, compensated_weight(m.init, "l", lin.weight, H, q)).update_indices()["changed"] == 0
-    assert TrainableVQ.from_stored(q, lin.weight).update_indices()["changed"] > 0
-    k = TTVQ(TTVQConfig(codebook_scope="layer", vector_len=4, codebook_size=16, init="kmeans"), 2)
-    assert torch.equal(compensated_weight(k.init, "l", lin.weight, H, q), lin.weight)
+    rounded = m.init.rounded_weight("l", lin.weight, H, q)
+    assert copy.deepcopy(q).make_trainable(rounded).update_indices()["changed"] == 0
+    assert copy.deepcopy(q).make_trainable(lin.weight).update_indices()["changed"] > 0
+    k = TTVQ(TTVQConfig(init="kmeans", init_args={"kmeans": shape}), 2)
+    assert torch.equal(k.init.rounded_weight("l", lin.weight, H, q), lin.weight)
 
 
 def test_synthetic_windows_join_both_stages(tiny_ttvq):

@@ -10,10 +10,12 @@ import torch
 from conftest import DATA
 from ttvq_bench.errors import ConfigError
 from ttvq_methods.checkpoint import load_module_state, save_module_state
-from ttvq_methods.hessian import layer_proxy_loss
-from ttvq_methods.registry import get_method
+from ttvq_methods.base import make_config
+from ttvq_methods.registry import METHODS
+from ttvq_methods.second_order import layer_proxy_loss
 from ttvq_methods.vq.bits_table import VPTQ_TABLE, VQSpec, vptq_spec
-from ttvq_methods.vq.codebook import fit_codebook, to_vectors, vector_weights
+from ttvq_methods.vq.codebook import fit_codebook, vector_weights
+from ttvq_methods.vq.layer import to_vectors
 from ttvq_methods.vptq import VPTQConfig, prep_layer, vptq_quantize
 
 # Small tensors: one thread avoids spin-waiting against other processes on a shared machine.
@@ -27,7 +29,8 @@ def real_block():
     if not (ckpt.is_file() and tok.is_file() and text.is_file()):
         pytest.skip(f"shared data not found under {DATA}")
     from ttvq_bench.models.llama2c import load_llama2c
-    from ttvq_methods.blockwise import capture_inputs, collect_hessians, linears
+    from ttvq_methods.model_walk import capture_inputs, linears
+    from ttvq_methods.second_order import collect_hessians
 
     lm = load_llama2c(ckpt, tok)
     ids = lm.tokenizer.encode(text.read_text(encoding="utf-8")[:60000])
@@ -42,7 +45,7 @@ def layer_codebook(W, H, spec, cfg):
     p = prep_layer(W, H.diagonal(), cfg, spec)
     x, mask = to_vectors(p.Wn[:, p.regular].T, spec.vector_len)
     w = vector_weights(p.importance[p.regular], W.shape[0], spec.vector_len, mask)
-    return fit_codebook(x, w, spec.codebook_size, iters=cfg.kmeans_iters, tol=cfg.kmeans_tol, init="kmeans++", seed=0)[0]
+    return fit_codebook(x, w, spec.codebook_size, iters=cfg.kmeans_iters, tol=cfg.kmeans_tol, init="kmeanspp", seed=0)[0]
 
 
 @pytest.mark.parametrize("name,d", [("mlp.gate_proj", 8), ("mlp.down_proj", 4), ("self_attn.q_proj", 4)])
@@ -51,9 +54,9 @@ def test_second_order_beats_plain_kmeans_same_codebook(real_block, name, d):
     spec = VQSpec(d, 64)
     cfg = VPTQConfig(norm="none")
     C = layer_codebook(W, H, spec, cfg)
-    vptq = vptq_quantize(W, H, spec, cfg, books={"codebook": C})
-    plain = vptq_quantize(W, H, spec, VPTQConfig(norm="none", second_order=False), books={"codebook": C})
-    assert torch.equal(vptq.layer.codebook, plain.layer.codebook)
+    vptq = vptq_quantize(W, H, spec, cfg, books={"codebook0": C})
+    plain = vptq_quantize(W, H, spec, VPTQConfig(norm="none", second_order=False), books={"codebook0": C})
+    assert torch.equal(vptq.layer.codebook0, plain.layer.codebook0)
     l_vptq, l_plain = layer_proxy_loss(W, vptq.Wq, H), layer_proxy_loss(W, plain.Wq, H)
     assert l_vptq < 0.9 * l_plain, (l_vptq, l_plain)
 
@@ -109,9 +112,9 @@ def test_same_seed_same_indices(real_block):
     a = vptq_quantize(W, H, spec, VPTQConfig(kmeans_seed=3))
     b = vptq_quantize(W, H, spec, VPTQConfig(kmeans_seed=3))
     c = vptq_quantize(W, H, spec, VPTQConfig(kmeans_seed=4))
-    for k in ("codes", "res_codes", "codebook", "res_codebook"):
+    for k in ("codes0", "codes1", "codebook0", "codebook1"):
         assert torch.equal(a.layer.state_dict()[k], b.layer.state_dict()[k]), k
-    assert not torch.equal(a.layer.codebook, c.layer.codebook)
+    assert not torch.equal(a.layer.codebook0, c.layer.codebook0)
 
 
 def test_bits_table():
@@ -125,8 +128,10 @@ def test_bits_table():
         assert (math.log2(K) + (math.log2(Kr) if res else 0)) / d == bits, (scope, bits, res)
     with pytest.raises(ConfigError):
         vptq_spec(7, "model", False)
-    with pytest.raises(ConfigError):
-        get_method("vptq")[0](VPTQConfig(codebook_scope="everything"), 2)
+    with pytest.raises(ConfigError, match="codebook_scope"):
+        make_config(VPTQConfig, {"codebook_scope": "everything"}, "vptq")
+    # with per-column scales the model scope's index budget shrinks (the scales cost ~0.2 bpw)
+    assert vptq_spec(3, "model", False, "line") == VQSpec(3, 256) and vptq_spec(3, "model", False) == VQSpec(3, 512)
 
 
 def test_yaml_composes(compose):
@@ -134,7 +139,7 @@ def test_yaml_composes(compose):
     assert cfg.method.name == "vptq" and cfg.method.codebook_scope == "model"
     assert cfg.method.norm == "scope" and cfg.method.second_order is True
     from omegaconf import OmegaConf
-    m = get_method("vptq")[0](OmegaConf.to_object(cfg.method), 2)
+    m = METHODS.get("vptq")(OmegaConf.to_object(cfg.method), 2)
     assert m.cfg.norm == "tensor" and m.spec == VQSpec(4, 256)  # the model scope's defaults
     abl = compose(["experiment=vptq_ablation"])
     assert abl.method.name == "vptq" and abl.method.codebook_scope == "model"
@@ -165,7 +170,7 @@ def test_end_to_end_shared_codebook_resume_and_reload(tiny_cfg, tmp_path, monkey
     # The model-wide codebook is stored and counted once, resumed or not.
     assert resumed["bpw"] == clean["bpw"] and resumed["ppl"] == clean["ppl"]
     by = clean["linear_bits_by_buffer"]
-    assert by["codebook"] == 64 * 6 * 16 and by["res_codebook"] == 64 * 6 * 16  # table: (6, 64, 64)
+    assert by["codebook0"] == 64 * 6 * 16 and by["codebook1"] == 64 * 6 * 16  # table: (6, 64, 64)
     assert by["outlier_codebook"] == 256 * 2 * 16
     assert 2.0 < clean["bpw"] < 3.5
     again = run_job(tiny_cfg(*VQ_TINY, f"checkpoint={resumed['quantize']['checkpoint']}"), tmp_path / "d")
@@ -177,6 +182,6 @@ def test_finetune_never_hurts_block(tiny_cfg, tmp_path):
 
     base = ("method=vptq", "bits=2", "method.codebook_scope=block", "method.norm=tensor", "method.kmeans_iters=20")
     plain = run_job(tiny_cfg(*base), tmp_path / "p")
-    tuned = run_job(tiny_cfg(*base, "method.finetune=true", "method.ft_iters=20", "method.ft_lr=1e-3"), tmp_path / "t")
+    tuned = run_job(tiny_cfg(*base, "method.finetune=true", "method.ft_epochs=3", "method.ft_lr=1e-3"), tmp_path / "t")
     assert tuned["bpw"] == plain["bpw"]
     assert tuned["ppl"]["default"] < plain["ppl"]["default"] * 1.05

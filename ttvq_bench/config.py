@@ -1,10 +1,12 @@
 """Structured configs: the schema every yaml under conf/ is checked against.
 
-Each group (`model`, `data`, `calib`, `eval`, `head`, `logger`) is a typed dataclass node, so a
-misspelt key or a wrongly typed value fails while Hydra composes the config. `method` is
-polymorphic: every method registers its own config dataclass as `method/<name>_schema`, and
-its yaml extends that schema. Range checks that types cannot express live in `validate`,
-which the run calls before doing any work.
+Each group (`model`, `data`, `calib`, `eval`, `logger`) is a typed dataclass node, so a misspelt
+key, a wrongly typed value or a value outside a closed choice (an enum) fails while Hydra
+composes the config. `method` and `head` are polymorphic: every method (head) registers its own
+config dataclass as `method/<name>_schema` (`head/<name>_schema`), and its yaml extends that
+schema. Names that select from a registry (model kinds, corpus kinds, methods, heads) and range
+checks that types cannot express are checked in `validate`, which the run calls before doing
+any work.
 """
 from __future__ import annotations
 
@@ -14,8 +16,16 @@ from typing import Any, List, Optional
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
+from ttvq_bench.choices import Choice
+from ttvq_bench.dtypes import DType
 from ttvq_bench.errors import ConfigError
 from ttvq_bench.models.tiny import TinyModelConfig
+
+
+class WandbMode(Choice):
+    online = "online"
+    offline = "offline"
+    disabled = "disabled"
 
 
 @dataclass
@@ -26,14 +36,14 @@ class PathsConfig:
 
 @dataclass
 class ModelConfig:
-    kind: str = MISSING  # tiny | llama2c | hf
+    kind: str = MISSING  # a registered model loader: tiny | llama2c | hf
     name: Optional[str] = None  # name in records; default: derived from the checkpoint
     path: Optional[str] = None  # llama2c: the .bin file; hf: a local dir (or a repo id in the HF cache)
     tokenizer: Optional[str] = None  # llama2c: the SentencePiece .model file
-    dtype: str = "float32"  # compute dtype
+    dtype: DType = DType.float32  # compute dtype
     # Parameters that no method quantizes (embeddings, norms, head) are stored, counted and
     # evaluated at this precision, so the fp16 baseline is exactly what its checkpoint holds.
-    storage_dtype: str = "float16"
+    storage_dtype: DType = DType.float16
     trust_remote_code: bool = False
     tiny: TinyModelConfig = field(default_factory=TinyModelConfig)
 
@@ -43,7 +53,7 @@ class CorpusConfig:
     """A text corpus with an evaluation split and a calibration split (never the same text)."""
 
     name: str = MISSING  # key in records (ppl.<name>)
-    kind: str = MISSING  # default | tinystories | wikitext2 | wikitext2_raw | c4 | file
+    kind: str = MISSING  # a registered corpus: default | tinystories | wikitext2 | wikitext2_raw | c4 | file
     path: Optional[str] = None  # file or dir; meaning depends on kind
     calib_path: Optional[str] = None  # kind=file/c4: where calibration text comes from
     # kind=tinystories/file: fraction of documents (from the end) held out for calibration.
@@ -95,15 +105,8 @@ class EvalConfig:
 
 
 @dataclass
-class HeadConfig:
-    # The output head (and embeddings) stay unquantized at model.storage_dtype, the convention
-    # of the VQ papers; VQ-Logits adds another kind.
-    kind: str = "keep"
-
-
-@dataclass
 class WandbConfig:
-    mode: str = "offline"  # online | offline | disabled
+    mode: WandbMode = WandbMode.offline
     project: str = "ttvq-bench"
     entity: Optional[str] = None
     group: Optional[str] = None  # default: the sweep dir name (one group per sweep)
@@ -135,7 +138,7 @@ class Config:
     data: CorpusConfig = field(default_factory=CorpusConfig)
     calib: CalibConfig = field(default_factory=CalibConfig)
     method: Any = MISSING
-    head: HeadConfig = field(default_factory=HeadConfig)
+    head: Any = MISSING  # the head stage's config (methods/heads/): name + its toggles
     eval: EvalConfig = field(default_factory=EvalConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
 
@@ -148,33 +151,34 @@ def register_configs() -> None:
     global _registered
     if _registered:
         return
-    from ttvq_methods import registry
+    from ttvq_methods.heads import HEADS
+    from ttvq_methods.registry import METHODS
 
-    registry.load_all()
     cs = ConfigStore.instance()
     cs.store(name="config_schema", node=Config)
-    for name, (_cls, cfg_cls) in registry.METHODS.items():
-        cs.store(group="method", name=f"{name}_schema", node=cfg_cls)
+    for group, registry in (("method", METHODS), ("head", HEADS)):
+        for name, cls in registry.items():
+            cs.store(group=group, name=f"{name}_schema", node=cls.Config)
     _registered = True
 
 
-KINDS = {
-    "model.kind": ("tiny", "llama2c", "hf"),
-    "data.kind": ("default", "tinystories", "wikitext2", "wikitext2_raw", "c4", "file"),
-    "calib.corpus.kind": ("default", "tinystories", "wikitext2", "wikitext2_raw", "c4", "file"),
-    "head.kind": ("keep",),
-    "logger.wandb.mode": ("online", "offline", "disabled"),
-    "model.dtype": ("float32", "bfloat16", "float16"),
-    "model.storage_dtype": ("float32", "bfloat16", "float16"),
-}
+def _registries() -> dict:
+    """Config keys that name a registered entry, and the registry they select from."""
+    from ttvq_bench.data.corpora import CORPORA
+    from ttvq_bench.models import LOADERS
+    from ttvq_methods.heads import HEADS
+    from ttvq_methods.registry import METHODS
+
+    return {"model.kind": LOADERS, "data.kind": CORPORA, "calib.corpus.kind": CORPORA,
+            "method.name": METHODS, "head.name": HEADS}
 
 
 def validate(cfg: DictConfig) -> None:
     """Checks beyond types; raises ConfigError with one line naming the key."""
-    for key, allowed in KINDS.items():
+    for key, registry in _registries().items():
         val = OmegaConf.select(cfg, key)
-        if val not in allowed:
-            raise ConfigError(f"{key}={val!r} is not one of {list(allowed)}")
+        if val not in registry:
+            raise ConfigError(f"{key}={val!r}: unknown {registry.what}; known: {', '.join(registry.names())}")
 
     def positive(key: str, allow_none: bool = False):
         val = OmegaConf.select(cfg, key)

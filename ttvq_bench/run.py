@@ -16,6 +16,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from ttvq_bench.config import validate
+from ttvq_bench.errors import ConfigError
 from ttvq_bench.data.calib import calibration_ids
 from ttvq_bench.data.corpora import load_text
 from ttvq_bench.data.windows import ppl_windows
@@ -28,8 +29,9 @@ from ttvq_bench.record.versions import code_hash, device_info, versions
 from ttvq_bench.record.wandb_log import WandbRun
 from ttvq_methods.bits import count_bits
 from ttvq_methods.blockwise import quantize_blockwise
-from ttvq_methods.checkpoint import load_module_state, read_meta, round_to_storage, save_module_state
-from ttvq_methods.registry import get_method
+from ttvq_methods.checkpoint import load_module_state, round_to_storage, save_module_state
+from ttvq_methods.heads import HEADS
+from ttvq_methods.registry import METHODS
 
 log = logging.getLogger("ttvq")
 
@@ -45,16 +47,17 @@ def run_job(cfg: DictConfig, output_dir: str | Path) -> dict:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     progress = cfg.logger.progress
-    method_cls, _ = get_method(cfg.method.name)
+    method_cls = METHODS.get(cfg.method.name)
     if method_cls.fixed_bits is not None:
         cfg.bits = method_cls.fixed_bits
     method = method_cls(OmegaConf.to_object(cfg.method), cfg.bits)  # rejects bits it cannot do
+    head = HEADS.get(cfg.head.name)(OmegaConf.to_object(cfg.head))
     cache = Cache(cfg.cache_dir, enabled=cfg.cache)
 
     lm = load_model(cfg.model, cache, progress)
     round_to_storage(lm.model, cfg.model.storage_dtype)
     eval_corpora = _eval_corpora(cfg)
-    defining = {k: v for k, v in OmegaConf.to_container(cfg, resolve=True).items() if k not in NON_DEFINING}
+    defining = {k: v for k, v in _plain(cfg).items() if k not in NON_DEFINING}
     run_id = hash_obj({"config": defining, "model": lm.fingerprint, "code": code_hash(),
                        "data": {c.name: hash_bytes(load_text(c, "eval")[0].encode()) for c in eval_corpora}})
     if not cfg.force and (done := find_ok(cfg.results_dir, run_id)):
@@ -64,12 +67,12 @@ def run_job(cfg: DictConfig, output_dir: str | Path) -> dict:
 
     record = _base_record(cfg, lm, run_id, defining)
     tags = [cfg.method.name, f"w{cfg.bits}"] + [f"{k}={v}" for k, v in defining["method"].items() if k != "name"]
-    wb = WandbRun(cfg.logger.wandb, OmegaConf.to_container(cfg, resolve=True), output_dir, record["sweep"], tags,
+    wb = WandbRun(cfg.logger.wandb, _plain(cfg), output_dir, record["sweep"], tags,
                   name=f"{lm.name}-{cfg.method.name}-w{cfg.bits}")
     ok = False
     try:
         t0 = time.time()
-        record["quantize"] = _quantize(cfg, lm, method, cache, record, progress)
+        record["quantize"] = _quantize(cfg, lm, method, head, cache, record, progress)
         record["timing"]["quantize_s"] = round(time.time() - t0, 3)
         record.update({k: v for k, v in count_bits(lm.model, cfg.model.storage_dtype).items()})
         wb.log({"bpw": record["bpw"], "bpw_model": record["bpw_model"]})
@@ -119,18 +122,23 @@ def _default_path(cfg, kind: str) -> str | None:
             "wikitext2_raw": f"{root}/wikitext2"}.get(kind)
 
 
-def _quantize(cfg, lm, method, cache: Cache, record: dict, progress: bool) -> dict:
+def _plain(cfg) -> dict:
+    return OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
+
+
+def _quantize(cfg, lm, method, head, cache: Cache, record: dict, progress: bool) -> dict:
     """Quantize the model in place (or load a saved/cached quantized checkpoint)."""
     if cfg.checkpoint:
         extra = load_module_state(lm.model, cfg.checkpoint)
         return {"source": "checkpoint", "checkpoint": str(cfg.checkpoint), "meta": extra}
-    if not method.needs_calibration:
+    if not (method.needs_calibration or head.needs_calibration):
+        head.apply(lm.model, None)
         return {"source": "none"}
     calib, calib_info = calibration_ids(cfg.calib, lm.tokenizer, cache)
     record["calib"] = calib_info
     key = hash_obj({"model": lm.fingerprint, "calib": calib_info["key"], "method": record["config"]["method"],
-                    "bits": cfg.bits, "dtype": cfg.model.dtype, "storage": cfg.model.storage_dtype,
-                    "code": code_hash()})
+                    "head": record["config"]["head"], "bits": cfg.bits, "dtype": cfg.model.dtype,
+                    "storage": cfg.model.storage_dtype, "code": code_hash()})
     record["checkpoint_key"] = key
     if cache.has("quantized", key):
         path = cache.path("quantized", key) / "model.safetensors"
@@ -138,9 +146,11 @@ def _quantize(cfg, lm, method, cache: Cache, record: dict, progress: bool) -> di
         return {"source": "cache", "checkpoint": str(path), "meta": extra}
 
     resume = cache.root / "work" / key  # per-block progress of this exact quantization
-    stats = quantize_blockwise(lm.model, calib, method, batch_size=cfg.eval.ppl.batch_size,
-                               resume_dir=resume if cfg.cache else None, cache=cache, progress=progress)
-    method.finalize(lm.model, calib)
+    stats = {"layers": {}, "resumed_blocks": 0}
+    if method.needs_calibration:
+        stats = quantize_blockwise(lm.model, calib, method, batch_size=cfg.eval.ppl.batch_size,
+                                   resume_dir=resume if cfg.cache else None, cache=cache, progress=progress)
+    head_report = head.apply(lm.model, calib)
     round_to_storage(lm.model, cfg.model.storage_dtype)
     meta = {"method": cfg.method.name, "bits": cfg.bits, "model": lm.name, "model_fingerprint": lm.fingerprint,
             "calib": calib_info, "method_config": record["config"]["method"], "code_hash": code_hash()}
@@ -151,7 +161,7 @@ def _quantize(cfg, lm, method, cache: Cache, record: dict, progress: bool) -> di
         path = str(cache.path("quantized", key) / "model.safetensors")
     shutil.rmtree(resume, ignore_errors=True)
     return {"source": "quantized", "checkpoint": path, "resumed_blocks": stats["resumed_blocks"],
-            "layers": stats["layers"], "method_report": getattr(method, "report", dict)()}
+            "layers": stats["layers"], "method_report": method.report(), "head_report": head_report}
 
 
 def _perplexity(cfg, lm, corpus, progress: bool):
@@ -159,8 +169,6 @@ def _perplexity(cfg, lm, corpus, progress: bool):
     text, source = load_text(corpus, "eval")
     bos = lm.tokenizer.bos_id if p.bos else None
     if p.bos and bos is None:
-        from ttvq_bench.errors import ConfigError
-
         raise ConfigError("eval.ppl.bos=true but the tokenizer has no BOS token")
     windows = ppl_windows(lm.tokenizer.encode(text), p.seqlen, p.stride, bos, p.max_windows)
     res = perplexity(lm.model, windows, p.batch_size, progress, desc=f"ppl[{corpus.name}]")
@@ -180,7 +188,7 @@ def _base_record(cfg, lm, run_id: str, defining: dict) -> dict:
     return {
         "run_id": run_id, "status": "running", "method": cfg.method.name, "bits": cfg.bits, "model": lm.name,
         "model_info": {k: v for k, v in lm.info.items() if k != "train_log"}, "model_fingerprint": lm.fingerprint,
-        "head": cfg.head.kind, "bpw": None, "bpw_model": None, "ppl": {}, "zeroshot": {}, "speed": {},
+        "head": cfg.head.name, "bpw": None, "bpw_model": None, "ppl": {}, "zeroshot": {}, "speed": {},
         "protocol": {}, "calib": None, "timing": {}, "peak_rss_mb": None, "versions": versions(),
         "device": device_info(), "seed": cfg.seed, "sweep": sweep, "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
         "config": defining,

@@ -35,10 +35,13 @@ are for stories260K (45,312 block-linear weights per block, 226,560 in all; out 
   block  4     yes       2  16    16   4.000      0.023      4.02
   (* d=3 pads 64 -> 66, 32 -> 33, 172 -> 174 rows, d=6 pads 64 -> 66, 32 -> 36, 172 -> 174:
      the padded vectors' indices are stored and counted)
-  Measured on stories260K (tinystories, 40 eval windows, norm tensor, no fine-tuning), the
-  residual rows lose to the plain ones at equal bits (2 bits: (6,64,64) ppl 54 vs (4,256) 46;
-  (4,16,16) 66; 3 bits: (4,256,16) 10.0 vs (3,512) 7.6): with codebooks this small, a sum of
-  two codebooks is a poor substitute for one codebook of the product size.
+
+With per-line scales ("line" norm: one fp16 scale per input column, 0.20 bpw on stories260K's
+64-row outputs) the model scope's index budget shrinks, so it has its own rows (TTVQ's shapes):
+
+  scope  bits  d  K    index bpw  + codebook + scales + padding
+  model  2     4  256  2.000      2.27
+  model  3     3  256  2.667      2.98
 
 Outliers (outlier_percent > 0): the most important lines (largest s²·H_jj) get their own
 codebook of (d_o, K_o): "layer" scope (4, 8192) as in paper Tab. 8 ("1% at v4/k8192"); shared
@@ -50,6 +53,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ttvq_bench.errors import ConfigError
+from ttvq_methods.vq.layer import index_bits
 
 # (scope, bits, residual) -> (d, K, Kr)
 VPTQ_TABLE: dict[tuple[str, int, bool], tuple[int, int, int]] = {
@@ -72,6 +76,11 @@ VPTQ_TABLE: dict[tuple[str, int, bool], tuple[int, int, int]] = {
     ("block", 4, False): (2, 256, 0),
     ("block", 4, True): (2, 16, 16),
 }
+# (scope, bits) -> (d, K) with per-line scales, no residual (consulted first for norm "line")
+LINE_NORM_TABLE: dict[tuple[str, int], tuple[int, int]] = {
+    ("model", 2): (4, 256),
+    ("model", 3): (3, 256),
+}
 # scope -> VPTQ's norm when the config says norm=scope: the reference's per-column mean/std for
 # per-layer codebooks (32 bits per input column: 0.008 bpw on 4096 rows), one scale and mean per
 # layer for shared codebooks (per-column norms would cost ~0.4 bpw on stories260K, whose layers
@@ -91,21 +100,25 @@ class VQSpec:
     outlier_codebook_size: int = 0  # 0 with outliers: outlier lines stored in fp16
 
     @property
+    def codebook_sizes(self) -> list[int]:
+        return [self.codebook_size] + ([self.res_codebook_size] if self.res_codebook_size else [])
+
+    @property
     def index_bpw(self) -> float:
         """Nominal index bits per weight of the regular lines (no padding, no codebooks)."""
-        from ttvq_methods.vq.layer import index_bits
-
-        r = index_bits(self.res_codebook_size) if self.res_codebook_size else 0
-        return (index_bits(self.codebook_size) + r) / self.vector_len
+        return sum(index_bits(k) for k in self.codebook_sizes) / self.vector_len
 
 
-def vptq_spec(bits: int, scope: str, residual: bool, vector_len: int = 0, codebook_size: int = 0,
-              res_codebook_size: int = 0, outlier_percent: float = 0.0, outlier_vector_len: int = 0,
-              outlier_codebook_size: int = 0) -> VQSpec:
-    """The table's entry for (scope, bits, residual), with any non-zero override applied.
-    outlier_codebook_size: 0 = from the table, -1 = fp16 outlier lines."""
+def vptq_spec(bits: int, scope: str, residual: bool, norm: str = "tensor", vector_len: int = 0,
+              codebook_size: int = 0, res_codebook_size: int = 0, outlier_percent: float = 0.0,
+              outlier_vector_len: int = 0, outlier_codebook_size: int = 0) -> VQSpec:
+    """The table's entry for (scope, bits, residual) (LINE_NORM_TABLE first for norm "line"),
+    with any non-zero override applied. outlier_codebook_size: 0 = from the table, -1 = fp16
+    outlier lines."""
     key = (scope, bits, residual)
-    if key in VPTQ_TABLE:
+    if norm == "line" and not residual and (scope, bits) in LINE_NORM_TABLE:
+        d, K, Kr = *LINE_NORM_TABLE[(scope, bits)], 0
+    elif key in VPTQ_TABLE:
         d, K, Kr = VPTQ_TABLE[key]
     elif vector_len and codebook_size and (res_codebook_size or not residual):
         d, K, Kr = vector_len, codebook_size, res_codebook_size

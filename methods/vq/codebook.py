@@ -11,8 +11,8 @@ codebook is one tensor (stored and counted once), a per-layer one is counted per
 Fitting a shared codebook needs every member's weights and importances before the first
 member is quantized. Weights are known up front; Hessians are not (the block loop builds them
 true-sequentially). We chose: before the block loop, run the *full-precision* model once over
-the calibration inputs and keep diag(XᵀX/n) of every linear (`fp_input_diag`, a vector per
-linear, not the full Hessian); shared codebooks are fitted on those. Each member's importances
+the calibration inputs and keep diag(XᵀX/n) of every linear (`second_order.fp_hessian_diags`,
+a vector per linear, not the full Hessian); shared codebooks are fitted on those. Each member's importances
 are divided by their mean, so every layer weighs in per weight, not by its activation scale
 (no principled cross-layer weighting exists: each layer's proxy loss is in its own units).
 The layers are then quantized as usual, with their true-sequential Hessians, against the
@@ -25,17 +25,21 @@ import math
 import torch
 from torch import nn
 
+from ttvq_bench.choices import Choice
 from ttvq_bench.errors import QuantizationError
 from ttvq_methods.vq.kmeans import KMeansResult, kmeans
-from ttvq_methods.vq.layer import CODEBOOKS, VQLinear
+from ttvq_methods.vq.layer import VQLinear
 
-SCOPES = ("layer", "block", "model")
+
+class CodebookScope(Choice):
+    layer = "layer"  # one codebook per linear (the papers' setting for 4096-wide layers)
+    block = "block"  # one per decoder block
+    model = "model"  # one for the whole model
 
 
 def scope_key(scope: str, full_name: str) -> str | None:
     """Which shared codebook a linear uses: None (its own), "model.layers.<b>" or "model"."""
-    if scope not in SCOPES:
-        raise ValueError(f"codebook scope must be one of {SCOPES}, got {scope!r}")
+    scope = CodebookScope(scope)
     if scope == "layer":
         return None
     if scope == "model":
@@ -43,19 +47,6 @@ def scope_key(scope: str, full_name: str) -> str | None:
     parts = full_name.split(".")
     i = parts.index("layers")
     return ".".join(parts[: i + 2])
-
-
-def to_vectors(lines: torch.Tensor, d: int) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Lines (L, len) -> vectors (L·nv, d), zero-padded, and the entry mask (1 real, 0 padded;
-    None when nothing is padded)."""
-    L, n = lines.shape
-    nv = math.ceil(n / d)
-    pad = nv * d - n
-    if pad == 0:
-        return lines.reshape(L * nv, d), None
-    v = torch.cat([lines, lines.new_zeros(L, pad)], 1).reshape(L * nv, d)
-    mask = torch.cat([lines.new_ones(L, n), lines.new_zeros(L, pad)], 1).reshape(L * nv, d)
-    return v, mask
 
 
 def vector_weights(line_w: torch.Tensor, line_len: int, d: int, mask: torch.Tensor | None) -> torch.Tensor:
@@ -87,40 +78,6 @@ def pooled(members: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tens
     return torch.cat(vs), torch.cat(ws)
 
 
-class _DiagAcc:
-    def __init__(self, n: int):
-        self.sum = torch.zeros(n, dtype=torch.float64)
-        self.count = 0
-
-    def add(self, x: torch.Tensor) -> None:
-        x = x.reshape(-1, x.shape[-1]).double()
-        self.sum += (x * x).sum(0).cpu()
-        self.count += x.shape[0]
-
-
-@torch.no_grad()
-def fp_input_diag(model: nn.Module, inputs) -> dict[str, torch.Tensor]:
-    """diag(XᵀX/n) of every decoder-block linear, from one full-precision pass of the blocks
-    over the calibration inputs (`inputs`: the block loop's BlockInputs, left untouched)."""
-    from ttvq_methods.blockwise import BlockInputs, decoder_layers, linears, run_block
-
-    out: dict[str, torch.Tensor] = {}
-    cur = BlockInputs(inputs.hidden, inputs.kwargs_by_bs, inputs.batch_size)
-    for b, block in enumerate(decoder_layers(model)):
-        accs = {n: _DiagAcc(m.in_features) for n, m in linears(block).items()}
-        handles = [m.register_forward_hook(lambda mod, a, o, n=n: accs[n].add(a[0]))
-                   for n, m in linears(block).items()]
-        try:
-            hidden = run_block(block, cur)
-        finally:
-            for h in handles:
-                h.remove()
-        for n, a in accs.items():
-            out[f"model.layers.{b}.{n}"] = (a.sum / max(a.count, 1)).float()
-        cur = BlockInputs(hidden, inputs.kwargs_by_bs, inputs.batch_size)
-    return out
-
-
 def tie_shared(model: nn.Module) -> int:
     """Make VQ layers whose meta names the same shared codebook hold one tensor again (after a
     resume loaded blocks from separate files). Returns how many buffers were re-tied; raises if
@@ -131,7 +88,7 @@ def tie_shared(model: nn.Module) -> int:
         if not isinstance(mod, VQLinear):
             continue
         for name, scope in mod.shared.items():
-            if name not in CODEBOOKS:
+            if name not in mod.codebook_names:
                 continue
             t = mod._buffers[name]
             ref = first.setdefault((scope, name), t)

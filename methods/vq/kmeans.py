@@ -1,6 +1,6 @@
 """Weighted k-means for VQ codebooks: deterministic, vectorised, chunked.
 
-    kmeans(x (N, d), K, weights=None | (N,) | (N, d), init="kmeans++" | "random", seed=0)
+    kmeans(x (N, d), K, weights=None | (N,) | (N, d), init="kmeanspp" | "random", seed=0)
 
 Weights come in two shapes:
   * (N,): one importance per vector (VPTQ's Hessian-diagonal weighting: a vector lies in one
@@ -12,7 +12,7 @@ Weights come in two shapes:
     input columns with different H_jj (vectors along the input dimension, AQLM-style).
 
 Choices the references leave open:
-  * init: "kmeans++" (weighted D² sampling, on a seeded subsample of at most `init_sample`
+  * init: "kmeanspp" (k-means++: weighted D² sampling, on a seeded subsample of at most `init_sample`
     vectors so that it stays O(sample · K · d)) or "random" (K distinct vectors drawn
     uniformly, what VPTQ's cuML `KMeans(init="random")` does).
   * stop: relative inertia decrease below `tol`, or `iters` Lloyd steps (VPTQ: 100, 1e-5).
@@ -32,6 +32,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+
+from ttvq_bench.choices import Choice
+
+
+class KMeansInit(Choice):
+    kmeanspp = "kmeanspp"  # k-means++
+    random = "random"
+
 
 # Distance matrices are computed CHUNK_ELEMS entries at a time (16 MB in fp32),
 # whatever N·K is.
@@ -117,10 +125,10 @@ def _init_kmeanspp(x, w_vec, weights, K, g, init_sample) -> torch.Tensor:
 
 @torch.no_grad()
 def kmeans(x: torch.Tensor, K: int, weights: torch.Tensor | None = None, *, iters: int = 100,
-           tol: float = 1e-5, init: str = "kmeans++", seed: int = 0, init_sample: int | None = None) -> KMeansResult:
+           tol: float = 1e-5, init: str = "kmeanspp", seed: int = 0, init_sample: int | None = None) -> KMeansResult:
     """Weighted Lloyd k-means of the rows of x (N, d); see the module docstring."""
-    if init not in ("kmeans++", "random"):
-        raise ValueError(f"k-means init must be 'kmeans++' or 'random', got {init!r}")
+    if init not in KMeansInit.values():
+        raise ValueError(f"k-means init must be one of {KMeansInit.values()}, got {init!r}")
     if K < 1:
         raise ValueError(f"K must be >= 1, got {K}")
     x = x.detach().float()

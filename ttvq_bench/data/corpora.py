@@ -15,26 +15,18 @@ from typing import Callable
 
 from ttvq_bench.data.default_corpus import default_corpus_text
 from ttvq_bench.errors import DataError
+from ttvq_bench.registry import Registry
 
 SPLITS = ("eval", "calib")
-_LOADERS: dict[str, Callable] = {}
-
-
-def _loader(kind: str):
-    def wrap(fn):
-        _LOADERS[kind] = fn
-        return fn
-
-    return wrap
+# kind -> fn(corpus config, split) -> (text, source description)
+CORPORA: Registry[Callable] = Registry("corpus kind", error=DataError)
 
 
 def load_text(corpus, split: str) -> tuple[str, str]:
     """(text, source description) of `split` of a CorpusConfig-like object."""
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}")
-    if corpus.kind not in _LOADERS:
-        raise DataError(f"unknown corpus kind {corpus.kind!r}; known: {', '.join(sorted(_LOADERS))}")
-    text, source = _LOADERS[corpus.kind](corpus, split)
+    text, source = CORPORA.get(corpus.kind)(corpus, split)
     if not text.strip():
         raise DataError(f"corpus {corpus.name!r} ({source}) has an empty {split} split")
     return text, source
@@ -59,15 +51,15 @@ def _split_documents(text: str, split: str, calib_fraction: float) -> str:
     return "\n\n".join(part)
 
 
-@_loader("default")
+@CORPORA.register("default")
 def _default(corpus, split):
     # The default corpus's own train split is what the tiny model saw; calibrating on it is
     # calibrating on training-distribution text, never on the held-out evaluation text.
     return default_corpus_text("eval" if split == "eval" else "train"), f"pydoc_data.topics:{'eval' if split == 'eval' else 'train'}"
 
 
-@_loader("tinystories")
-@_loader("file")
+@CORPORA.register("tinystories")
+@CORPORA.register("file")
 def _documents_file(corpus, split):
     p = _need_file(corpus.path, f"corpus {corpus.name!r}")
     text = p.read_text(encoding="utf-8")
@@ -87,7 +79,7 @@ def _hf_cached_dataset(*args, **kwargs):
         return None
 
 
-@_loader("wikitext2")
+@CORPORA.register("wikitext2")
 def _wikitext2(corpus, split):
     fname = "wiki.test.tokens" if split == "eval" else "wiki.valid.tokens"
     if corpus.path and (Path(str(corpus.path)) / fname).is_file():
@@ -101,7 +93,7 @@ def _wikitext2(corpus, split):
     return "\n\n".join(ds["text"]), f"hf:wikitext-2-v1:{'test' if split == 'eval' else 'validation'}"
 
 
-@_loader("wikitext2_raw")
+@CORPORA.register("wikitext2_raw")
 def _wikitext2_raw(corpus, split):
     hf_split = "test" if split == "eval" else "validation"
     ds = _hf_cached_dataset("wikitext", "wikitext-2-raw-v1", split=hf_split)
@@ -127,7 +119,7 @@ def _read_c4(path: Path, n_docs: int) -> list[str]:
     return docs
 
 
-@_loader("c4")
+@CORPORA.register("c4")
 def _c4(corpus, split):
     # GPTQ "c4-new": validation docs[:1100] joined with " "; calibration from a train shard.
     n_docs = 1100 if split == "eval" else 20000
