@@ -23,7 +23,6 @@ The way through one quantization (methods/blockwise.py):
 """
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -141,6 +140,14 @@ def make_config(config_cls: type, overrides: dict | None, where: str) -> Any:
         raise ConfigError(f"{where}{'.' + key if key else ''}: {str(e).splitlines()[0]}") from None
 
 
-def config_fields(cfg: Any) -> dict:
-    """A config dataclass as plain JSON-able values (enums as their strings)."""
-    return OmegaConf.to_container(OmegaConf.structured(cfg), enum_to_str=True) if dataclasses.is_dataclass(cfg) else dict(cfg)
+_RANGES = {">= 0": lambda v: v >= 0, ">= 1": lambda v: v >= 1, "> 0": lambda v: v > 0,
+           "in (0, 1]": lambda v: 0 < v <= 1, "in [0, 1)": lambda v: 0 <= v < 1, "in [0, 100)": lambda v: 0 <= v < 100}
+
+
+def check_ranges(cfg: Any, where: str, **rules: str) -> None:
+    """Range checks that types cannot express: field=rule (a key of _RANGES); the first
+    violation is one ConfigError naming the key."""
+    for key, rule in rules.items():
+        v = getattr(cfg, key)
+        if not _RANGES[rule](v):
+            raise ConfigError(f"{where}: method.{key}={v} must be {rule}")

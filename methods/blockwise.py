@@ -82,9 +82,10 @@ def _check_layer(full: str, lin: nn.Linear, q: nn.Module) -> dict:
         raise QuantizationError(f"{full}: quantized weight has shape {tuple(w.shape)}, expected {tuple(lin.weight.shape)}")
     if not torch.isfinite(w).all():
         raise QuantizationError(f"{full}: quantized weight has NaN/Inf")
-    ref = lin.weight.float()
-    return {"rel_err": float((w.float() - ref).norm() / ref.norm().clamp_min(1e-12)),
-            "bpw": q.bpw() if isinstance(q, QuantizedLinear) else 16.0}
+    if not isinstance(q, QuantizedLinear):
+        ref = lin.weight.float()
+        return {"rel_err": float((w.float() - ref).norm() / ref.norm().clamp_min(1e-12)), "bpw": 16.0}
+    return {"rel_err": q.rel_err(lin.weight), "bpw": q.bpw()}
 
 
 def _save_block(block, hidden, stats, resume_dir: Path, b: int) -> None:

@@ -64,6 +64,12 @@ class QuantizedLinear(nn.Module):
     def clear_cache(self) -> None:
         self._w_cache = None
 
+    @torch.no_grad()
+    def rel_err(self, ref: torch.Tensor) -> float:
+        """||Ŵ - ref|| / ||ref||, e.g. against the full-precision weight."""
+        ref = ref.detach().float()
+        return float((self.dequantize() - ref).norm() / ref.norm().clamp_min(1e-12))
+
     def weight_for_forward(self) -> torch.Tensor:
         # Dequantizing packed codes on every call would dominate evaluation time; the cache is
         # not a buffer, so it is never saved and never counted. A layer that holds parameters

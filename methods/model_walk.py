@@ -32,6 +32,13 @@ def layer_name(b: int, name: str) -> str:
     return f"{block_name(b)}.{name}"
 
 
+def block_of(full_name: str) -> str:
+    """The block a full layer name belongs to: "model.layers.3.mlp.up_proj" -> "model.layers.3"."""
+    parts = full_name.split(".")
+    i = parts.index("layers")
+    return ".".join(parts[: i + 2])
+
+
 def linears(block: nn.Module) -> dict[str, nn.Linear]:
     return {n: m for n, m in block.named_modules() if isinstance(m, nn.Linear)}
 

@@ -10,53 +10,46 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List
+from typing import Any, Dict, List
 
 import torch
 from torch import nn
 
 from ttvq_bench.choices import Choice
 from ttvq_bench.errors import ConfigError
-from ttvq_methods.base import BlockContext, Method, TeacherRequest, VQMethod, make_config
+from ttvq_methods.base import BlockContext, Method, TeacherRequest, VQMethod, check_ranges, make_config
 from ttvq_methods.distill import TrainConfig, distill_block, distill_model, trainable_fraction
 from ttvq_methods.model_walk import decoder_layers, layer_name, modules_of, norm_params, run_block, unique_param_count
 from ttvq_methods.registry import METHODS
+from ttvq_methods.vq.index_updates import IndexUpdates
 from ttvq_methods.vq.layer import VQLinear, stored_mode, train_mode
 
 log = logging.getLogger(__name__)
 
 
-class IndexUpdate(Choice):
-    latent = "latent"  # re-chosen from the persistent latent every update_period steps
-    frozen = "frozen"  # the init's indices throughout
-    gradient = "gradient"  # the latent is reset onto Ŵ after every update (no memory)
+# Closed choices (what each one does: docs/methods/ttvq.md).
+class IndexUpdate(Choice):  # gradient: the latent is put back on Ŵ after every update (no memory)
+    latent, frozen, gradient = "latent", "frozen", "gradient"
 
 
 class CodebookMode(Choice):
-    trainable = "trainable"
-    frozen = "frozen"
+    trainable, frozen = "trainable", "frozen"
 
 
-class LatentInit(Choice):
-    fp = "fp"  # the full-precision weight
-    compensated = "compensated"  # the weight the init actually rounded (VQMethod.rounded_weight)
-    quantized = "quantized"  # Ŵ
+class LatentInit(Choice):  # compensated: the weight the init actually rounded (VQMethod.rounded_weight)
+    fp, compensated, quantized = "fp", "compensated", "quantized"
 
 
-class BlockInput(Choice):
-    quantized = "quantized"  # outputs of the quantized blocks before
-    fp = "fp"  # the FP model's hidden states
+class BlockInput(Choice):  # quantized: outputs of the quantized blocks before; fp: the FP model's
+    quantized, fp = "quantized", "fp"
 
 
-class BlockTarget(Choice):
-    model = "model"  # the FP model's hidden state after the block
-    block = "block"  # the FP block applied to the student's inputs
+class BlockTarget(Choice):  # model: the FP model's hidden state after the block; block: FP block(student inputs)
+    model, block = "model", "block"
 
 
 class PeftParam(Choice):
-    codebook = "codebook"
-    scale = "scale"
-    norm = "norm"
+    codebook, scale, norm = "codebook", "scale", "norm"
 
 
 # TTVQ's shape for a VPTQ-family init: one codebook for the whole model, fp16 per-column scales.
@@ -107,27 +100,15 @@ class TTVQConfig:
     seed: int = 0
 
 
-def _check(cfg: TTVQConfig) -> None:
-    bad = [(k, v, rule) for k, v, ok, rule in (
-        ("update_period", cfg.update_period, cfg.update_period >= 1, ">= 1"),
-        ("update_fraction", cfg.update_fraction, 0 < cfg.update_fraction <= 1, "in (0, 1]"),
-        ("val_fraction", cfg.val_fraction, 0 <= cfg.val_fraction < 1, "in [0, 1)"),
-        ("synthetic_temperature", cfg.synthetic_temperature, cfg.synthetic_temperature > 0, "> 0"),
-        *((k, getattr(cfg, k), getattr(cfg, k) >= 0, ">= 0") for k in ("block_epochs", "peft_epochs", "lora_rank", "synthetic_windows")),
-        *((k, getattr(cfg, k), getattr(cfg, k) >= 1, ">= 1") for k in ("block_batch_size", "peft_batch_size")),
-    ) if not ok]
-    if bad:
-        k, v, rule = bad[0]
-        raise ConfigError(f"ttvq: method.{k}={v} must be {rule}")
-
-
 @METHODS.register("ttvq")
 class TTVQ(Method):
     Config = TTVQConfig
 
     def __init__(self, cfg: TTVQConfig, bits: int):
         super().__init__(cfg, bits)
-        _check(cfg)
+        check_ranges(cfg, "ttvq", update_period=">= 1", update_fraction="in (0, 1]", val_fraction="in [0, 1)",
+                     synthetic_temperature="> 0", block_epochs=">= 0", peft_epochs=">= 0", lora_rank=">= 0",
+                     synthetic_windows=">= 0", block_batch_size=">= 1", peft_batch_size=">= 1")
         cls = METHODS.get(cfg.init)
         if not issubclass(cls, VQMethod):
             vq = [n for n, c in METHODS.items() if issubclass(c, VQMethod)]
@@ -175,25 +156,10 @@ class TTVQ(Method):
         return TrainConfig(epochs=epochs, batch_size=batch_size, val_fraction=c.val_fraction,
                            min_lr_ratio=c.min_lr_ratio, grad_clip=c.grad_clip, keep_best=True, seed=c.seed)
 
-    def _index_hook(self, layers: list[VQLinear], stats: dict) -> Callable[[int], None] | None:
-        mode, period, frac = self.cfg.index_update, self.cfg.update_period, self.cfg.update_fraction
-        if mode == "frozen":
-            return None
-
-        def on_step(step: int) -> None:
-            if step % period:
-                return
-            n = ch = 0
-            for q in layers:
-                r = q.update_indices(frac)
-                n, ch = n + r["n"], ch + r["changed"]
-                if mode == "gradient":
-                    q.reset_latent()
-            stats["updates"] += 1
-            stats["changed"] += ch
-            stats["rates"].append(ch / max(n, 1))
-
-        return on_step
+    def _index_updates(self, layers: dict[str, VQLinear], active: bool) -> IndexUpdates:
+        c = self.cfg
+        return IndexUpdates(layers.values(), c.update_period, c.update_fraction,
+                            reset_latent=c.index_update == "gradient", active=active)
 
     # -- stage 1 -----------------------------------------------------------------------------------
     def finetune_block(self, ctx: BlockContext) -> None:
@@ -209,8 +175,7 @@ class TTVQ(Method):
         if cfg.index_update == "gradient" or cfg.latent_init == "quantized":
             for q in layers.values():
                 q.reset_latent()
-        before = {n: q.int_codes()["codes0"].clone() for n, q in layers.items()}
-
+        idx = self._index_updates(layers, active=cfg.index_update != "frozen")
         from_fp = cfg.block_inputs == "fp"
         hidden = teacher.hidden(b) if from_fp else ctx.inputs.hidden
         # The FP block on FP inputs is the FP model's own trajectory.
@@ -224,31 +189,20 @@ class TTVQ(Method):
                 run_block(decoder_layers(teacher.model)[b], syn.inputs(q_in))
             hidden, tgt = torch.cat([hidden, fp_in if from_fp else q_in]), torch.cat([tgt, syn_t])
             kwargs = {**syn.kwargs_by_bs, **kwargs}
-        stats = {"updates": 0, "changed": 0, "rates": []}
         res = distill_block(ctx.block, hidden, tgt, kwargs, self._block_groups(ctx.block, layers),
-                            self._train_config(cfg.block_epochs, cfg.block_batch_size),
-                            on_step=self._index_hook(list(layers.values()), stats), desc=f"ttvq block {b}")
-        n_vec = sum(c.numel() for c in before.values())
-        moved = sum(int((q.int_codes()["codes0"] != before[n]).sum()) for n, q in layers.items())
+                            self._train_config(cfg.block_epochs, cfg.block_batch_size), on_step=idx.hook,
+                            desc=f"ttvq block {b}")
         if cfg.peft and cfg.peft_latent:
             self._trained_latents.update({layer_name(b, n): q.latent_weight() for n, q in layers.items()
                                           if q.latent is not None})
         stored_mode(layers.values())
-        with torch.no_grad():
-            errs = [float((q.dequantize() - ctx.fp_weights[n].float()).norm() / ctx.fp_weights[n].float().norm().clamp_min(1e-12))
-                    for n, q in layers.items()]
-        self._report["blocks"][b] = {
-            "mse_before": res["train_before"], "mse_after": res["train_after"],
-            "val_mse_before": res["val_before"], "val_mse_after": res["val_after"],
-            "best_epoch": res["best_epoch"], "steps": res["steps"], "seconds": res["seconds"],
-            "n_trained": res["n_params"], "index_updates": stats["updates"],
-            "mean_change_rate": (sum(stats["rates"]) / len(stats["rates"])) if stats["rates"] else 0.0,
-            "final_index_change": moved / max(n_vec, 1), "inputs": cfg.block_inputs, "targets": cfg.block_targets,
-            "rel_err_mean": sum(errs) / len(errs) if errs else None,
-        }
+        errs = [q.rel_err(ctx.fp_weights[n]) for n, q in layers.items()]
+        self._report["blocks"][b] = rep = {
+            **_losses(res, "mse"), "n_trained": res["n_params"], **idx.summary(), "inputs": cfg.block_inputs,
+            "targets": cfg.block_targets, "rel_err_mean": sum(errs) / len(errs) if errs else None}
         log.info("ttvq block %d: mse %.4g -> %.4g (val %.4g -> %.4g), %.1f%% of indices changed, %.1fs", b,
                  res["train_before"], res["train_after"], res["val_before"], res["val_after"],
-                 100 * moved / max(n_vec, 1), res["seconds"])
+                 100 * rep["final_index_change"], res["seconds"])
 
     def _block_groups(self, block: nn.Module, layers: dict[str, VQLinear]) -> list[dict]:
         cfg = self.cfg
@@ -269,9 +223,7 @@ class TTVQ(Method):
         if self.cfg.peft and teacher is not None and teacher.model is not None:
             self._peft(model, calib_ids, teacher)
         if teacher is not None and teacher.model is not None:
-            with torch.no_grad():
-                errs = {n: float((q.dequantize() - teacher.weight(n)).norm() / teacher.weight(n).norm().clamp_min(1e-12))
-                        for n, q in modules_of(model, VQLinear).items()}
+            errs = {n: q.rel_err(teacher.weight(n)) for n, q in modules_of(model, VQLinear).items()}
             self._report.update(final_rel_err_mean=sum(errs.values()) / max(len(errs), 1), final_rel_err=errs)
         self._latents, self._trained_latents = {}, {}
 
@@ -288,7 +240,7 @@ class TTVQ(Method):
         if latent and cfg.index_update == "gradient":
             for q in layers.values():
                 q.reset_latent()
-        before = {n: q.int_codes()["codes0"].clone() for n, q in layers.items()}
+        idx = self._index_updates(layers, active=latent)
         sel = set(cfg.peft_params)
         roles = {k: [] for k in ("codebook", "scale", "lora", "latent")}
         for q in layers.values():
@@ -301,26 +253,23 @@ class TTVQ(Method):
                {"params": roles["lora"], "lr": cfg.peft_lr_lora},  # empty unless lora_rank > 0
                {"params": roles["latent"], "lr": cfg.peft_lr_latent}]  # empty unless peft_latent
         frac = trainable_fraction([p for g in pgs for p in g["params"]], self._n_params)
-        stats = {"updates": 0, "changed": 0, "rates": []}
         ids = calib_ids if teacher.synthetic is None else torch.cat([calib_ids, teacher.synthetic.ids.to(calib_ids.device)])
         res = distill_model(model, ids, pgs, self._train_config(cfg.peft_epochs, cfg.peft_batch_size),
-                            teacher=teacher.model, desc="ttvq peft",
-                            on_step=self._index_hook(list(layers.values()), stats) if latent else None)
-        moved = sum(int((q.int_codes()["codes0"] != before[n]).sum()) for n, q in layers.items())
-        n_vec = sum(c.numel() for c in before.values())
+                            teacher=teacher.model, desc="ttvq peft", on_step=idx.hook)
         stored_mode(layers.values())
         self._report["peft"] = {
-            "kl_before": res["train_before"], "kl_after": res["train_after"],
-            "val_kl_before": res["val_before"], "val_kl_after": res["val_after"],
-            "best_epoch": res["best_epoch"], "steps": res["steps"], "seconds": res["seconds"],
-            "trainable_params": frac["trainable"], "total_params": frac["total"],
+            **_losses(res, "kl"), "trainable_params": frac["trainable"], "total_params": frac["total"],
             "trainable_fraction": frac["fraction"], "params": sorted(sel), "lora_rank": cfg.lora_rank,
-            "n_train_windows": res["n_train"], "n_val_windows": res["n_val"],
-            "latent": latent, "index_updates": stats["updates"], "final_index_change": moved / max(n_vec, 1),
-        }
+            "n_train_windows": res["n_train"], "n_val_windows": res["n_val"], "latent": latent, **idx.summary()}
         log.info("ttvq peft: KL %.4g -> %.4g (val %.4g -> %.4g), %d trainable params (%.3f%%), %.1fs",
                  res["train_before"], res["train_after"], res["val_before"], res["val_after"],
                  frac["trainable"], 100 * frac["fraction"], res["seconds"])
 
     def report(self) -> dict:
         return self._report
+
+
+def _losses(res: dict, loss: str) -> dict:
+    return {f"{loss}_before": res["train_before"], f"{loss}_after": res["train_after"],
+            f"val_{loss}_before": res["val_before"], f"val_{loss}_after": res["val_after"],
+            **{k: res[k] for k in ("best_epoch", "steps", "seconds")}}

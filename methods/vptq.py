@@ -22,8 +22,8 @@ import torch
 from torch import nn
 
 from ttvq_bench.choices import Choice
-from ttvq_bench.errors import ConfigError, QuantizationError
-from ttvq_methods.base import BlockContext, VQMethod
+from ttvq_bench.errors import QuantizationError
+from ttvq_methods.base import BlockContext, VQMethod, check_ranges
 from ttvq_methods.distill import TrainConfig, distill_block
 from ttvq_methods.model_walk import decoder_layers, layer_name, linears, modules_of, norm_params
 from ttvq_methods.registry import METHODS
@@ -274,8 +274,8 @@ class VPTQ(VQMethod):
         self.spec = vptq_spec(bits, cfg.codebook_scope, cfg.residual, cfg.norm, cfg.vector_len, cfg.codebook_size,
                               cfg.res_codebook_size, cfg.outlier_percent, cfg.outlier_vector_len,
                               cfg.outlier_codebook_size)
-        if cfg.ft_epochs < 0:
-            raise ConfigError(f"vptq: method.ft_epochs={cfg.ft_epochs} must be >= 0")
+        check_ranges(cfg, self.name, ft_epochs=">= 0", kmeans_iters=">= 1", blocksize=">= 1", percdamp=">= 0",
+                     outlier_percent="in [0, 100)")
         self.books: dict[str, dict[str, torch.Tensor]] = {}
         self.layer_stats: dict[str, dict] = {}
         self.ft: dict[int, dict] = {}

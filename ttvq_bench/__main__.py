@@ -29,7 +29,9 @@ def _job(cfg: DictConfig):
         return run_job(cfg, hc.runtime.output_dir)
     except TTVQError as e:
         if hc.mode.name != "MULTIRUN":
-            raise
+            # SystemExit passes Hydra's own reporting, so the user reads this one line only.
+            print(f"error: {_one_line(e)}", file=sys.stderr)
+            raise SystemExit(2) from None
         # In a sweep one bad point must not stop the others: it is recorded as failed, and
         # the sweep exits non-zero at the end.
         log.error("job %s failed: %s", hc.job.num, e)

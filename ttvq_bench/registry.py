@@ -45,6 +45,9 @@ class Registry(Generic[T]):
 
         return add if obj is None else add(obj)
 
+    def unregister(self, name: str) -> None:
+        self._items.pop(name, None)
+
     def _ensure(self) -> None:
         if not self._discovered:
             self._discovered = True  # set first: discovery imports modules that register here

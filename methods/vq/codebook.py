@@ -27,6 +27,7 @@ from torch import nn
 
 from ttvq_bench.choices import Choice
 from ttvq_bench.errors import QuantizationError
+from ttvq_methods.model_walk import block_of
 from ttvq_methods.vq.kmeans import KMeansResult, kmeans
 from ttvq_methods.vq.layer import VQLinear
 
@@ -44,9 +45,7 @@ def scope_key(scope: str, full_name: str) -> str | None:
         return None
     if scope == "model":
         return "model"
-    parts = full_name.split(".")
-    i = parts.index("layers")
-    return ".".join(parts[: i + 2])
+    return block_of(full_name)
 
 
 def vector_weights(line_w: torch.Tensor, line_len: int, d: int, mask: torch.Tensor | None) -> torch.Tensor:
