@@ -37,8 +37,13 @@ def ppl_table(df: pd.DataFrame, corpus: str, index: str | list[str] = "method", 
     """Cells 'ppl (bpw)' for one corpus and one protocol."""
     df = _on(df, corpus)
     check_one_protocol(df, corpus)
+    keys = ([index] if isinstance(index, str) else list(index)) + [columns]
+    dup = df.duplicated(keys, keep=False)
+    if dup.any():
+        raise ValueError(f"{int(dup.sum())} records share a cell of the table, runs "
+                         f"{', '.join(df.loc[dup, 'run_id'].astype(str))}; filter to one (e.g. --where sweep=...)")
     cell = df[f"ppl.{corpus}"].map(lambda v: f"{float(v):.3f}") + df["bpw"].map(lambda b: f" ({b:.2f})")
-    return df.assign(cell=cell).pivot_table(index=index, columns=columns, values="cell", aggfunc="last")
+    return df.assign(cell=cell).pivot_table(index=index, columns=columns, values="cell", aggfunc="first")
 
 
 def ablation_table(df: pd.DataFrame, corpus: str, rows: list[str], ref_ppl: float | None = None) -> pd.DataFrame:

@@ -95,6 +95,11 @@ class Method:
     def teacher_request(self) -> TeacherRequest | None:
         return None
 
+    def modules(self) -> tuple[str, ...]:
+        """The modules whose code decides this method's result; with what they import, they
+        scope the code version in its cache keys and run_ids (record/versions.py)."""
+        return (type(self).__module__,)
+
     # -- hooks, in the order they run -----------------------------------------------------------
     def prepare(self, model: nn.Module, inputs: "BlockInputs", teacher: "Teacher | None") -> None:
         """Before the first block changes (and before a resume loads finished blocks). It must
@@ -140,7 +145,7 @@ def make_config(config_cls: type, overrides: dict | None, where: str) -> Any:
         raise ConfigError(f"{where}{'.' + key if key else ''}: {str(e).splitlines()[0]}") from None
 
 
-_RANGES = {">= 0": lambda v: v >= 0, ">= 1": lambda v: v >= 1, "> 0": lambda v: v > 0,
+_RANGES = {"-1 or >= 1": lambda v: v == -1 or v >= 1, ">= 0": lambda v: v >= 0, ">= 1": lambda v: v >= 1, "> 0": lambda v: v > 0,
            "in (0, 1]": lambda v: 0 < v <= 1, "in [0, 1)": lambda v: 0 <= v < 1, "in [0, 100)": lambda v: 0 <= v < 100}
 
 

@@ -11,7 +11,10 @@ from the last finished block.
 """
 from __future__ import annotations
 
+import json
+import logging
 import shutil
+import tempfile
 import time
 from pathlib import Path
 
@@ -20,7 +23,9 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ttvq_bench.errors import QuantizationError
-from ttvq_bench.hashing import hash_tensors
+from ttvq_bench.faults import fault_point
+from ttvq_bench.hashing import hash_file, hash_tensors
+from ttvq_bench.record.cache import tmp_prefix
 from ttvq_methods.base import BlockContext, Method
 from ttvq_methods.checkpoint import load_module_state, save_module_state
 from ttvq_methods.layers import QuantizedLinear
@@ -28,6 +33,8 @@ from ttvq_methods.model_walk import (BlockInputs, block_name, capture_inputs, de
                                      linear_groups, linears, run_block, set_module)
 from ttvq_methods.second_order import cached_hessians
 from ttvq_methods.teacher import Teacher
+
+log = logging.getLogger(__name__)
 
 
 def quantize_blockwise(model: nn.Module, calib_ids: torch.Tensor, method: Method, *, batch_size: int = 8,
@@ -46,6 +53,7 @@ def quantize_blockwise(model: nn.Module, calib_ids: torch.Tensor, method: Method
         start = _resume(layers, inputs, resume_dir, stats)
     bar = tqdm(range(len(layers)), desc=f"quantize[{method.name}]", disable=not progress, initial=start)
     for b in range(start, len(layers)):
+        fault_point(f"block{b}")
         block = layers[b]
         t0 = time.time()
         targets = run_block(block, inputs) if method.needs_block_targets else None
@@ -89,19 +97,34 @@ def _check_layer(full: str, lin: nn.Linear, q: nn.Module) -> dict:
 
 
 def _save_block(block, hidden, stats, resume_dir: Path, b: int) -> None:
-    tmp = resume_dir / f".tmp-block{b}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    save_module_state(block, tmp / "block.safetensors", extra={"stats": stats["layers"]})
+    """The block's state exactly as it is in memory (no cast: a resumed run must equal an
+    uninterrupted one bit for bit) and the next block's inputs, with their hashes."""
+    tmp = Path(tempfile.mkdtemp(prefix=tmp_prefix(f"block{b}"), dir=resume_dir))
+    save_module_state(block, tmp / "block.safetensors", storage_dtype=None, extra={"stats": stats["layers"]})
     torch.save(hidden, tmp / "next_inputs.pt")
+    (tmp / "manifest.json").write_text(json.dumps({f.name: hash_file(f, n=64) for f in tmp.iterdir()}))
     final = resume_dir / f"block{b}"
     shutil.rmtree(final, ignore_errors=True)
     tmp.rename(final)  # the block counts as done only once this rename happened
 
 
+def _intact(d: Path) -> bool:
+    try:
+        manifest = json.loads((d / "manifest.json").read_text())
+        return bool(manifest) and all(hash_file(d / name, n=64) == sha for name, sha in manifest.items())
+    except (OSError, ValueError):
+        return False
+
+
 def _resume(layers, inputs: BlockInputs, resume_dir: Path, stats: dict) -> int:
+    """Load the finished blocks; a damaged one (and everything after it) is done again."""
     done = 0
-    while (resume_dir / f"block{done}").is_dir() and done < len(layers):
+    while done < len(layers) and (resume_dir / f"block{done}").is_dir():
+        if not _intact(resume_dir / f"block{done}"):
+            log.warning("resume state of block %d in %s is damaged: quantizing from block %d again", done, resume_dir, done)
+            for b in range(done, len(layers)):
+                shutil.rmtree(resume_dir / f"block{b}", ignore_errors=True)
+            break
         done += 1
     if done == 0:
         return 0
@@ -110,4 +133,5 @@ def _resume(layers, inputs: BlockInputs, resume_dir: Path, stats: dict) -> int:
         stats["layers"].update(extra.get("stats", {}))
     inputs.hidden = torch.load(resume_dir / f"block{done - 1}" / "next_inputs.pt")
     stats["resumed_blocks"] = done
+    log.info("resumed %d finished block(s) from %s", done, resume_dir)
     return done

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from ttvq_bench.errors import QuantizationError
-from ttvq_methods.base import Method
+from ttvq_methods.base import Method, check_ranges
 from ttvq_methods.registry import METHODS
 from ttvq_methods.scalar import ScalarQuantLinear, n_groups_for, quant_params, quantize_to_codes
 from ttvq_methods.second_order import obs_quantize, prepare_hessian
@@ -83,6 +83,10 @@ class GPTQ(Method):
     Config = GPTQConfig
     needs_hessian = True
     supported_bits = tuple(range(1, 9))
+
+    def __init__(self, cfg, bits: int):
+        super().__init__(cfg, bits)
+        check_ranges(cfg, self.name, group_size="-1 or >= 1", percdamp=">= 0", blocksize=">= 1")
 
     @property
     def true_sequential(self) -> bool:

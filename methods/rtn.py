@@ -6,7 +6,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ttvq_methods.base import Method
+from ttvq_methods.base import Method, check_ranges
 from ttvq_methods.registry import METHODS
 from ttvq_methods.scalar import ScalarQuantLinear, rtn_quantize
 
@@ -24,6 +24,10 @@ class RTN(Method):
     # as the other methods and simply ignores the data.
     Config = RTNConfig
     supported_bits = tuple(range(1, 9))
+
+    def __init__(self, cfg, bits: int):
+        super().__init__(cfg, bits)
+        check_ranges(cfg, self.name, group_size="-1 or >= 1")
 
     @torch.no_grad()
     def quantize_layer(self, name: str, layer: nn.Linear, H: torch.Tensor | None) -> nn.Module:

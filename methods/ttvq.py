@@ -125,6 +125,9 @@ class TTVQ(Method):
     def true_sequential(self) -> bool:
         return self.init.true_sequential
 
+    def modules(self) -> tuple[str, ...]:
+        return super().modules() + self.init.modules()
+
     @property
     def needs_block_targets(self) -> bool:
         c = self.cfg

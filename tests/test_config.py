@@ -38,7 +38,7 @@ def test_launchers_compose(compose):
         with initialize_config_dir(version_base="1.3", config_dir=str(ROOT / "conf")):
             cfg = hcompose("config", overrides=[f"hydra/launcher={launcher}"], return_hydra_config=True)
         target = cfg.hydra.launcher._target_
-        assert ("Joblib" in target) if launcher == "local" else ("Slurm" in target)
+        assert ("LocalLauncher" in target) if launcher == "local" else ("Slurm" in target)
 
 
 def test_method_schema_typo_fails(compose):

@@ -15,9 +15,9 @@ from omegaconf.errors import OmegaConfBaseException
 
 from ttvq_bench.config import register_configs
 from ttvq_bench.errors import TTVQError
+from hydra_plugins.ttvq_launcher import FAIL_ENV, LocalLauncher
 
 log = logging.getLogger("ttvq")
-_FAIL_ENV = "TTVQ_FAILURE_DIR"
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
@@ -32,13 +32,21 @@ def _job(cfg: DictConfig):
             # SystemExit passes Hydra's own reporting, so the user reads this one line only.
             print(f"error: {_one_line(e)}", file=sys.stderr)
             raise SystemExit(2) from None
-        # In a sweep one bad point must not stop the others: it is recorded as failed, and
-        # the sweep exits non-zero at the end.
-        log.error("job %s failed: %s", hc.job.num, e)
-        print(f"error: job {hc.job.num} ({hc.job.override_dirname}): {e}", file=sys.stderr)
-        if os.environ.get(_FAIL_ENV):
-            Path(os.environ[_FAIL_ENV], f"job{hc.job.num}").write_text(str(e))
-        return None
+        _sweep_point_failed(hc, _one_line(e))
+    except Exception as e:  # a bug, not the user's input: the traceback goes to the job's log
+        if hc.mode.name != "MULTIRUN":
+            raise
+        log.exception("job %s failed", hc.job.num)
+        _sweep_point_failed(hc, f"{type(e).__name__}: {_one_line(e)} (traceback in the job's log)")
+    return None
+
+
+def _sweep_point_failed(hc, msg: str) -> None:
+    """In a sweep one bad point must not stop the others: it is recorded as failed (run_job
+    wrote its record), said in one line, and counted in the summary at the end."""
+    print(f"error: job {hc.job.num} ({hc.job.override_dirname}): {msg}", file=sys.stderr)
+    if os.environ.get(FAIL_ENV):
+        Path(os.environ[FAIL_ENV], f"job{hc.job.num}").write_text(msg)
 
 
 def _one_line(e: BaseException) -> str:
@@ -51,10 +59,15 @@ def _one_line(e: BaseException) -> str:
 
 def main() -> None:
     register_configs()
+    # Hydra finds launchers by scanning installed hydra_plugins packages; an editable install is
+    # not scanned, so ours is registered by hand (Hydra's documented way).
+    from hydra.core.plugins import Plugins
+
+    Plugins.instance().register(LocalLauncher)
     # Let errors reach us, so that user mistakes print one clear line instead of a traceback.
     os.environ["HYDRA_FULL_ERROR"] = "1"
     fail_dir = tempfile.mkdtemp(prefix="ttvq-fail-")
-    os.environ[_FAIL_ENV] = fail_dir
+    os.environ[FAIL_ENV] = fail_dir
     try:
         _job()
     except (TTVQError, HydraException, OmegaConfBaseException) as e:

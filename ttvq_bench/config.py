@@ -189,6 +189,9 @@ def validate(cfg: DictConfig) -> None:
 
     for key in ("bits", "calib.n", "calib.seqlen", "eval.ppl.seqlen", "eval.ppl.batch_size"):
         positive(key)
+    for key in ("calib.seqlen", "eval.ppl.seqlen"):  # BOS (or a first token) and one token to predict
+        if OmegaConf.select(cfg, key) < 2:
+            raise ConfigError(f"{key}={OmegaConf.select(cfg, key)} must be at least 2 (a context and a token to predict)")
     for key in ("eval.ppl.stride", "eval.ppl.max_windows", "threads"):
         positive(key, allow_none=True)
     if cfg.eval.ppl.stride is not None and cfg.eval.ppl.stride > cfg.eval.ppl.seqlen:

@@ -2,13 +2,16 @@
 
 `run_job` is the whole way through; everything it calls lives in its own room. A job whose
 run_id already has an ok record is skipped (so re-running a sweep only runs what is missing);
-a job that fails writes a `failed` record and re-raises; nothing is marked ok until the end.
+two jobs with one run_id take turns (a lock), so a repeated launch never races or records
+twice; a job that fails writes a `failed` record and re-raises; nothing is marked ok until the
+record is on disk.
 """
 from __future__ import annotations
 
 import logging
+import math
+import os
 import resource
-import shutil
 import time
 from pathlib import Path
 
@@ -16,152 +19,113 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from ttvq_bench.config import validate
-from ttvq_bench.errors import ConfigError
-from ttvq_bench.data.calib import calibration_ids
 from ttvq_bench.data.corpora import load_text
 from ttvq_bench.data.windows import ppl_windows
+from ttvq_bench.errors import ConfigError, QuantizationError
 from ttvq_bench.evaluate.perplexity import perplexity
-from ttvq_bench.hashing import hash_bytes, hash_obj
+from ttvq_bench.faults import fault_point
+from ttvq_bench.identity import eval_corpora, run_identity
 from ttvq_bench.models import load_model
+from ttvq_bench.quantize import Quantization, check_finite
 from ttvq_bench.record.cache import Cache
+from ttvq_bench.record.dirs import check_writable
+from ttvq_bench.record.locks import file_lock
 from ttvq_bench.record.results import append_run, find_ok, write_json_atomic
-from ttvq_bench.record.versions import code_hash, device_info, versions
+from ttvq_bench.record.versions import device_info, versions
 from ttvq_bench.record.wandb_log import WandbRun
 from ttvq_methods.bits import count_bits
-from ttvq_methods.blockwise import quantize_blockwise
-from ttvq_methods.checkpoint import load_module_state, round_to_storage, save_module_state
-from ttvq_methods.heads import HEADS
-from ttvq_methods.registry import METHODS
+from ttvq_methods.checkpoint import round_to_storage
 
 log = logging.getLogger("ttvq")
 
-# Keys that do not change a result (where it is written, how it is logged, whether cached).
-NON_DEFINING = ("logger", "results_dir", "cache_dir", "cache", "force", "save_checkpoint", "sweep", "paths", "threads")
+
+def force_offline() -> None:
+    """Nothing is ever downloaded, whatever the environment says."""
+    for var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
+        os.environ[var] = "1"
 
 
 def run_job(cfg: DictConfig, output_dir: str | Path) -> dict:
     t_start = time.time()
     output_dir = Path(output_dir)
+    force_offline()
     validate(cfg)
+    check_writable({"results_dir": Path(cfg.results_dir), "output dir": output_dir,
+                    **({"cache_dir": Path(cfg.cache_dir)} if cfg.cache else {})})
     torch.manual_seed(cfg.seed)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     progress = cfg.logger.progress
-    method_cls = METHODS.get(cfg.method.name)
-    if method_cls.fixed_bits is not None:
-        cfg.bits = method_cls.fixed_bits
-    method = method_cls(OmegaConf.to_object(cfg.method), cfg.bits)  # rejects bits it cannot do
-    head = HEADS.get(cfg.head.name)(OmegaConf.to_object(cfg.head))
     cache = Cache(cfg.cache_dir, enabled=cfg.cache)
+    cache.clean_tmp()
+    q = Quantization.resolve(cfg)  # the method (it rejects bits it cannot do), or a checkpoint's identity
 
     lm = load_model(cfg.model, cache, progress)
+    _check_context(cfg, lm, q)
     round_to_storage(lm.model, cfg.model.storage_dtype)
-    eval_corpora = _eval_corpora(cfg)
-    defining = {k: v for k, v in _plain(cfg).items() if k not in NON_DEFINING}
-    run_id = hash_obj({"config": defining, "model": lm.fingerprint, "code": code_hash(),
-                       "data": {c.name: hash_bytes(load_text(c, "eval")[0].encode()) for c in eval_corpora}})
-    if not cfg.force and (done := find_ok(cfg.results_dir, run_id)):
-        log.info("skip: run_id %s already has an ok record (force=true to rerun)", run_id)
-        write_json_atomic(output_dir / "result.json", done)
-        return done
+    run_id, defining = run_identity(cfg, lm, q)
+    with file_lock(Path(cfg.results_dir) / ".locks" / f"{run_id}.lock", what=f"run {run_id}"):
+        if not cfg.force and (done := find_ok(cfg.results_dir, run_id)):
+            log.info("skip: run_id %s already has an ok record (force=true to rerun)", run_id)
+            write_json_atomic(output_dir / "result.json", done)
+            return done
+        record = _base_record(cfg, lm, q, run_id, defining)
+        tags = [q.method_name, f"w{q.bits}"] + [f"{k}={v}" for k, v in q.method_config.items() if k != "name"]
+        wb = WandbRun(cfg.logger.wandb, OmegaConf.to_container(cfg, resolve=True, enum_to_str=True), output_dir,
+                      record["sweep"], tags, name=f"{lm.name}-{q.method_name}-w{q.bits}")
+        try:
+            t0 = time.time()
+            record["quantize"] = q.run(cfg, lm, cache, record, progress)
+            check_finite(lm.model, "the model to evaluate")
+            record["timing"]["quantize_s"] = round(time.time() - t0, 3)
+            record.update(count_bits(lm.model, cfg.model.storage_dtype))
+            wb.log({"bpw": record["bpw"], "bpw_model": record["bpw_model"]})
+            t0 = time.time()
+            fault_point("eval")
+            for corpus in eval_corpora(cfg):
+                res, proto = _perplexity(cfg, lm, corpus, progress)
+                record["ppl"][corpus.name], record["protocol"][corpus.name] = res["ppl"], proto
+                wb.log({f"ppl/{corpus.name}": res["ppl"]})
+                log.info("ppl[%s] = %.4f  (%d tokens)", corpus.name, res["ppl"], res["n_tokens"])
+            if cfg.eval.zeroshot.tasks:
+                from ttvq_bench.evaluate.zeroshot import evaluate_zeroshot
 
-    record = _base_record(cfg, lm, run_id, defining)
-    tags = [cfg.method.name, f"w{cfg.bits}"] + [f"{k}={v}" for k, v in defining["method"].items() if k != "name"]
-    wb = WandbRun(cfg.logger.wandb, _plain(cfg), output_dir, record["sweep"], tags,
-                  name=f"{lm.name}-{cfg.method.name}-w{cfg.bits}")
-    ok = False
-    try:
-        t0 = time.time()
-        record["quantize"] = _quantize(cfg, lm, method, head, cache, record, progress)
-        record["timing"]["quantize_s"] = round(time.time() - t0, 3)
-        record.update({k: v for k, v in count_bits(lm.model, cfg.model.storage_dtype).items()})
-        wb.log({"bpw": record["bpw"], "bpw_model": record["bpw_model"]})
-
-        t0 = time.time()
-        for corpus in eval_corpora:
-            res, proto = _perplexity(cfg, lm, corpus, progress)
-            record["ppl"][corpus.name] = res["ppl"]
-            record["protocol"][corpus.name] = proto
-            wb.log({f"ppl/{corpus.name}": res["ppl"]})
-            log.info("ppl[%s] = %.4f  (%d tokens)", corpus.name, res["ppl"], res["n_tokens"])
-        if cfg.eval.zeroshot.tasks:
-            from ttvq_bench.evaluate.zeroshot import evaluate_zeroshot
-
-            record["zeroshot"] = evaluate_zeroshot(cfg, lm, cache, record, progress)
-            wb.log({"zeroshot": record["zeroshot"]})
-        record["timing"]["eval_s"] = round(time.time() - t0, 3)
-        record["status"] = "ok"
-        ok = True
-    except BaseException as e:
-        record["status"] = "failed"
-        record["error"] = f"{type(e).__name__}: {e}"
-        raise
-    finally:
-        record["timing"]["total_s"] = round(time.time() - t_start, 3)
-        record["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
-        write_json_atomic(output_dir / "result.json", record)
-        append_run(cfg.results_dir, record)
-        wb.finish(record, ok)
+                record["zeroshot"] = evaluate_zeroshot(cfg, lm, cache, record, progress)
+                wb.log({"zeroshot": record["zeroshot"]})
+            record["timing"]["eval_s"] = round(time.time() - t0, 3)
+            record["status"] = "ok"
+        except BaseException as e:
+            record.update(status="failed", error=f"{type(e).__name__}: {e}")
+            raise
+        finally:
+            _finish(record, cfg, output_dir, wb, t_start)
     log.info("bpw %.4f (model %.4f)  ppl %s  [%s]", record["bpw"], record["bpw_model"], record["ppl"], run_id)
     return record
 
 
-def _eval_corpora(cfg) -> list:
-    if not cfg.eval.ppl.enabled:
-        return []
-    corpora = [cfg.data]
-    for kind in cfg.eval.ppl.extra:
-        # Extra corpora use the data group's default paths for that kind.
-        corpora.append(OmegaConf.merge(cfg.data, {"name": kind, "kind": kind, "path": _default_path(cfg, kind)}))
-    return corpora
+def _finish(record: dict, cfg, output_dir: Path, wb, t_start: float) -> None:
+    """runs.jsonl first, result.json second: a job that cannot append its record (a full disk)
+    turns failed, and its result.json says so, never ok."""
+    record["timing"]["total_s"] = round(time.time() - t_start, 3)
+    record["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+    try:
+        append_run(cfg.results_dir, record)
+    except OSError as e:
+        record.update(status="failed", error=f"could not append the record to {cfg.results_dir}/runs.jsonl: {e}")
+        write_json_atomic(output_dir / "result.json", record)
+        wb.finish(record, False)
+        raise
+    write_json_atomic(output_dir / "result.json", record)
+    wb.finish(record, record["status"] == "ok")
 
 
-def _default_path(cfg, kind: str) -> str | None:
-    root = cfg.paths.data_root
-    return {"tinystories": f"{root}/tinystories/tinystories_val.txt", "wikitext2": f"{root}/wikitext2",
-            "wikitext2_raw": f"{root}/wikitext2"}.get(kind)
-
-
-def _plain(cfg) -> dict:
-    return OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
-
-
-def _quantize(cfg, lm, method, head, cache: Cache, record: dict, progress: bool) -> dict:
-    """Quantize the model in place (or load a saved/cached quantized checkpoint)."""
-    if cfg.checkpoint:
-        extra = load_module_state(lm.model, cfg.checkpoint)
-        return {"source": "checkpoint", "checkpoint": str(cfg.checkpoint), "meta": extra}
-    if not (method.needs_calibration or head.needs_calibration):
-        head.apply(lm.model, None)
-        return {"source": "none"}
-    calib, calib_info = calibration_ids(cfg.calib, lm.tokenizer, cache)
-    record["calib"] = calib_info
-    key = hash_obj({"model": lm.fingerprint, "calib": calib_info["key"], "method": record["config"]["method"],
-                    "head": record["config"]["head"], "bits": cfg.bits, "dtype": cfg.model.dtype,
-                    "storage": cfg.model.storage_dtype, "code": code_hash()})
-    record["checkpoint_key"] = key
-    if cache.has("quantized", key):
-        path = cache.path("quantized", key) / "model.safetensors"
-        extra = load_module_state(lm.model, path)
-        return {"source": "cache", "checkpoint": str(path), "meta": extra}
-
-    resume = cache.root / "work" / key  # per-block progress of this exact quantization
-    stats = {"layers": {}, "resumed_blocks": 0}
-    if method.needs_calibration:
-        stats = quantize_blockwise(lm.model, calib, method, batch_size=cfg.eval.ppl.batch_size,
-                                   resume_dir=resume if cfg.cache else None, cache=cache, progress=progress)
-    head_report = head.apply(lm.model, calib)
-    round_to_storage(lm.model, cfg.model.storage_dtype)
-    meta = {"method": cfg.method.name, "bits": cfg.bits, "model": lm.name, "model_fingerprint": lm.fingerprint,
-            "calib": calib_info, "method_config": record["config"]["method"], "code_hash": code_hash()}
-    path = None
-    if cfg.save_checkpoint:
-        with cache.writing("quantized", key) as tmp:
-            save_module_state(lm.model, tmp / "model.safetensors", cfg.model.storage_dtype, extra=meta)
-        path = str(cache.path("quantized", key) / "model.safetensors")
-    shutil.rmtree(resume, ignore_errors=True)
-    return {"source": "quantized", "checkpoint": path, "resumed_blocks": stats["resumed_blocks"],
-            "layers": stats["layers"], "method_report": method.report(), "head_report": head_report}
+def _check_context(cfg, lm, q: Quantization) -> None:
+    """Windows longer than the model's context would run silently on positions it never saw."""
+    ctx = getattr(getattr(lm.model, "config", None), "max_position_embeddings", None)
+    checks = [("eval.ppl.seqlen", cfg.eval.ppl.seqlen)] + ([("calib.seqlen", cfg.calib.seqlen)] if q.needs_calibration else [])
+    for key, n in checks:
+        if ctx is not None and n > ctx:
+            raise ConfigError(f"{key}={n} exceeds the context of {lm.name} ({ctx} positions): use at most {ctx}")
 
 
 def _perplexity(cfg, lm, corpus, progress: bool):
@@ -172,13 +136,15 @@ def _perplexity(cfg, lm, corpus, progress: bool):
         raise ConfigError("eval.ppl.bos=true but the tokenizer has no BOS token")
     windows = ppl_windows(lm.tokenizer.encode(text), p.seqlen, p.stride, bos, p.max_windows)
     res = perplexity(lm.model, windows, p.batch_size, progress, desc=f"ppl[{corpus.name}]")
+    if not math.isfinite(res["ppl"]):
+        raise QuantizationError(f"perplexity on {corpus.name} is not finite ({res['ppl']}): the model's outputs overflow")
     proto = {"seqlen": p.seqlen, "stride": p.stride or p.seqlen, "bos": p.bos, "n_tokens": res["n_tokens"],
              "n_windows": res["n_windows"], "max_windows": p.max_windows, "split": "eval", "source": source,
              "convention": "gptq: text tokenized once, windows of seqlen (BOS first if bos), mean NLL of all predicted tokens"}
     return res, proto
 
 
-def _base_record(cfg, lm, run_id: str, defining: dict) -> dict:
+def _base_record(cfg, lm, q: Quantization, run_id: str, defining: dict) -> dict:
     from hydra.core.hydra_config import HydraConfig
 
     sweep = cfg.sweep
@@ -186,9 +152,9 @@ def _base_record(cfg, lm, run_id: str, defining: dict) -> dict:
         hc = HydraConfig.get()
         sweep = Path(hc.sweep.dir).name if hc.mode.name == "MULTIRUN" else None
     return {
-        "run_id": run_id, "status": "running", "method": cfg.method.name, "bits": cfg.bits, "model": lm.name,
+        "run_id": run_id, "status": "running", "method": q.method_name, "bits": q.bits, "model": lm.name,
         "model_info": {k: v for k, v in lm.info.items() if k != "train_log"}, "model_fingerprint": lm.fingerprint,
-        "head": cfg.head.name, "bpw": None, "bpw_model": None, "ppl": {}, "zeroshot": {}, "speed": {},
+        "head": q.head_name, "bpw": None, "bpw_model": None, "ppl": {}, "zeroshot": {}, "speed": {},
         "protocol": {}, "calib": None, "timing": {}, "peak_rss_mb": None, "versions": versions(),
         "device": device_info(), "seed": cfg.seed, "sweep": sweep, "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
         "config": defining,

@@ -1,5 +1,6 @@
 """Calibration windows: N seeded windows of seqlen tokens from a corpus's calibration split,
-cached by content hash (tokenizer, text, n, seqlen, BOS, seed)."""
+cached by content (tokenizer, text, n, seqlen, BOS, seed, and the sampler's code), never by
+where the text lives."""
 from __future__ import annotations
 
 import torch
@@ -7,6 +8,7 @@ import torch
 from ttvq_bench.data.corpora import load_text
 from ttvq_bench.data.windows import calib_windows
 from ttvq_bench.hashing import hash_bytes, hash_obj
+from ttvq_bench.record.versions import code_hash
 
 
 def calibration_ids(ccfg, tokenizer, cache) -> tuple[torch.Tensor, dict]:
@@ -15,7 +17,7 @@ def calibration_ids(ccfg, tokenizer, cache) -> tuple[torch.Tensor, dict]:
     info = {"corpus": ccfg.corpus.name, "source": source, "text_sha": hash_bytes(text.encode()),
             "n": ccfg.n, "seqlen": ccfg.seqlen, "bos": ccfg.bos, "seed": ccfg.seed,
             "tokenizer": tokenizer.fingerprint()}
-    key = hash_obj(info)
+    key = hash_obj({**{k: v for k, v in info.items() if k != "source"}, "code": code_hash((__name__,))})
     info["key"] = key
 
     def build(tmp):

@@ -32,6 +32,13 @@ def load_text(corpus, split: str) -> tuple[str, str]:
     return text, source
 
 
+def _read(p: Path) -> str:
+    try:
+        return p.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise DataError(f"{p} is not UTF-8 text (byte {e.start}: {e.reason}); convert it to UTF-8") from None
+
+
 def _need_file(path, what: str) -> Path:
     if path is None:
         raise DataError(f"{what}: no path given")
@@ -62,7 +69,7 @@ def _default(corpus, split):
 @CORPORA.register("file")
 def _documents_file(corpus, split):
     p = _need_file(corpus.path, f"corpus {corpus.name!r}")
-    text = p.read_text(encoding="utf-8")
+    text = _read(p)
     frac = corpus.calib_fraction
     return _split_documents(text, split, frac), f"{p.name}:{split}(calib=last {frac:.0%} of documents)"
 
@@ -85,7 +92,7 @@ def _wikitext2(corpus, split):
     if corpus.path and (Path(str(corpus.path)) / fname).is_file():
         p = Path(str(corpus.path)) / fname
         # HF rows are the file's lines (newline kept); GPTQ joins the rows with "\n\n".
-        rows = p.read_text(encoding="utf-8").splitlines(keepends=True)
+        rows = _read(p).splitlines(keepends=True)
         return "\n\n".join(rows), f"{fname}(rows joined with \\n\\n)"
     ds = _hf_cached_dataset("wikitext", "wikitext-2-v1", split="test" if split == "eval" else "validation")
     if ds is None:
@@ -103,7 +110,7 @@ def _wikitext2_raw(corpus, split):
     p = Path(str(corpus.path or "")) / fname
     if not p.is_file():
         raise DataError(f"wikitext2_raw: not in the HF datasets cache and {p} not found")
-    rows = p.read_text(encoding="utf-8").replace("\r\n", "\n").splitlines(keepends=True)
+    rows = _read(p).replace("\r\n", "\n").splitlines(keepends=True)
     return "\n\n".join(rows), f"{fname}(CRLF->LF, rows joined with \\n\\n; not byte-identical to HF rows)"
 
 

@@ -38,6 +38,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import functools
+import hashlib
 import json
 import logging
 import os
@@ -90,6 +91,28 @@ def check_config(cfg) -> None:
         if not name.startswith(BUILTIN_PREFIX) and name not in known:
             raise ConfigError(f"unknown zero-shot task {name!r}: ours are {sorted(shipped_tasks())}; "
                               f"lm-eval's built-in ones are named {BUILTIN_PREFIX}<name>")
+
+
+def tasks_content(cfg) -> dict:
+    """What the configured tasks read, as content hashes (a run's identity, never paths): for
+    our standard tasks their yaml and every file of their folder under task_data; for tasks of
+    include_path their yamls; lm-eval's built-in ones are named by lm-eval's version (recorded)."""
+    from ttvq_bench.evaluate.tasks.loaders import DATA_DIRS
+
+    zs = cfg.eval.zeroshot
+    out = {}
+    for name in zs.tasks:
+        h = hashlib.sha256()
+        if name in DATA_DIRS and zs.task_data:
+            folder = Path(str(zs.task_data)).expanduser() / DATA_DIRS[name]
+            for f in sorted(p for p in folder.rglob("*") if p.is_file()):
+                h.update(str(f.relative_to(folder)).encode() + hashlib.sha256(f.read_bytes()).digest())
+        yamls = [p for d in [TASKS_DIR] + ([Path(str(zs.include_path))] if zs.include_path else [])
+                 for p in sorted(d.rglob("*.yaml"))]
+        for p in yamls:
+            h.update(p.read_bytes())
+        out[name] = h.hexdigest()[:16]
+    return out
 
 
 # -------------------------------------------------------------------------------------------

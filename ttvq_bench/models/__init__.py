@@ -1,7 +1,10 @@
 """Model loaders by `model.kind`; each returns a LoadedModel (transformers causal LM + tokenizer)."""
 from __future__ import annotations
 
+import torch
+
 from ttvq_bench.dtypes import TORCH_DTYPES
+from ttvq_bench.errors import DataError
 from ttvq_bench.models.base import LoadedModel
 from ttvq_bench.registry import Registry
 
@@ -33,6 +36,9 @@ def _hf(mcfg, cache, progress):
 
 def load_model(mcfg, cache, progress: bool = True) -> LoadedModel:
     lm = LOADERS.get(mcfg.kind)(mcfg, cache, progress)
+    for name, p in lm.model.named_parameters():
+        if p.is_floating_point() and not torch.isfinite(p).all():
+            raise DataError(f"model {lm.name}: parameter {name} holds NaN/Inf; the weights are damaged")
     # Frozen by default; methods that train switch on exactly what they train.
     lm.model.to(TORCH_DTYPES[mcfg.dtype]).eval().requires_grad_(False)
     if mcfg.name:

@@ -85,8 +85,8 @@ def load_hf(path, dtype: torch.dtype = torch.float32, trust_remote_code: bool = 
             # tokenizer before weights: a missing tokenizer should not cost a 14 GB load first
             tok = AutoTokenizer.from_pretrained(model_dir, **kw)
             model = AutoModelForCausalLM.from_pretrained(model_dir, config=config, dtype=dtype, **kw)
-        except (OSError, ValueError, KeyError) as e:
-            # Missing weight or tokenizer files, unknown architectures: a user-input problem.
+        except Exception as e:
+            # Missing or damaged weight or tokenizer files, unknown architectures: a user-input problem.
             msg = " ".join(str(e).split())[:300] or type(e).__name__  # one line
             raise DataError(f"cannot load Hugging Face model from {model_dir}: {msg}") from None
 

@@ -41,7 +41,11 @@ class SentencePieceTokenizer:
         if not path.is_file():
             raise DataError(f"tokenizer file not found: {path}")
         self.path = path
-        self.sp = spm.SentencePieceProcessor(model_file=str(path))
+        try:
+            self.sp = spm.SentencePieceProcessor(model_file=str(path))
+        except Exception as e:  # sentencepiece's parse errors are RuntimeError / OSError
+            raise DataError(f"{path} is not a SentencePiece model ({type(e).__name__}): give the .model file "
+                            "(llama2.c's tok512.model, not tok512.bin)") from None
         self.bos_id = self.sp.bos_id() if self.sp.bos_id() >= 0 else None
         self.eos_id = self.sp.eos_id() if self.sp.eos_id() >= 0 else None
         self.vocab_size = self.sp.get_piece_size()

@@ -1,12 +1,22 @@
 """Local results store: `result.json` in the job's output dir and one JSON line per job in
-`<results_dir>/runs.jsonl` (the source of truth; W&B mirrors it)."""
+`<results_dir>/runs.jsonl` (the source of truth; W&B mirrors it).
+
+A line cut short (a job killed mid-append, a full disk) never costs another record: an append
+first ends a torn last line, and readers skip unreadable lines and say how many.
+"""
 from __future__ import annotations
 
 import fcntl
 import json
+import logging
 import math
 import os
 from pathlib import Path
+
+from ttvq_bench.faults import fault_point
+from ttvq_bench.record.cache import tmp_prefix
+
+log = logging.getLogger("ttvq")
 
 
 def _clean(o):
@@ -22,7 +32,7 @@ def _clean(o):
 
 def write_json_atomic(path: Path, obj: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")
+    tmp = path.with_name(f"{tmp_prefix(path.name)}x")
     tmp.write_text(json.dumps(_clean(obj), indent=2, sort_keys=False))
     os.replace(tmp, path)
 
@@ -32,10 +42,19 @@ def append_run(results_dir: str | Path, record: dict) -> Path:
     path = Path(results_dir) / "runs.jsonl"
     path.parent.mkdir(parents=True, exist_ok=True)
     line = json.dumps(_clean(record), separators=(",", ":")) + "\n"
-    with open(path, "a", encoding="utf-8") as f:
+    with open(path, "a+b") as f:
         fcntl.flock(f, fcntl.LOCK_EX)
         try:
-            f.write(line)
+            f.seek(0, os.SEEK_END)
+            if f.tell():
+                f.seek(-1, os.SEEK_END)
+                if f.read(1) != b"\n":  # a torn last line: end it, so this record stands on its own
+                    line = "\n" + line
+            data = line.encode()
+            f.write(data[: len(data) // 2])
+            f.flush()
+            fault_point("append")  # a job killed mid-append leaves half a line
+            f.write(data[len(data) // 2:])
             f.flush()
             os.fsync(f.fileno())
         finally:
@@ -47,12 +66,16 @@ def read_runs(results_dir: str | Path) -> list[dict]:
     path = Path(results_dir) / "runs.jsonl"
     if not path.exists():
         return []
-    out = []
-    for line in path.read_text(encoding="utf-8").splitlines():
+    out, bad = [], 0
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        if not line.strip():
+            continue
         try:
             out.append(json.loads(line))
         except json.JSONDecodeError:  # a line cut by a crash elsewhere never hides the others
-            continue
+            bad += 1
+    if bad:
+        log.warning("%s: skipped %d unreadable line(s) (cut short by a killed job or a full disk)", path, bad)
     return out
 
 

@@ -1,9 +1,12 @@
 """What produced a result: library versions, git sha, a hash of the code itself, device."""
 from __future__ import annotations
 
+import ast
 import functools
 import hashlib
+import importlib.util
 import platform
+import pkgutil
 import subprocess
 import sys
 from importlib import metadata
@@ -12,20 +15,74 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[2]  # the checkout (editable install)
-_CODE_DIRS = ("ttvq_bench", "methods", "kernels", "conf")
+OURS = ("ttvq_bench", "ttvq_methods", "ttvq_kernels", "ttvq_analysis")
+
+
+def _module_file(name: str) -> Path | None:
+    try:
+        spec = importlib.util.find_spec(name)
+    except (ImportError, ValueError):
+        return None
+    return Path(spec.origin) if spec is not None and spec.origin and spec.origin.endswith(".py") else None
+
+
+def _imports(name: str, path: Path) -> set[str]:
+    """Our modules that `name` imports anywhere in its source (inside functions too; not the
+    type-checking-only ones), and the packages above them (their __init__ runs on import)."""
+    found = set()
+    tree = ast.parse(path.read_bytes())
+    for node in ast.walk(tree):  # drop `if TYPE_CHECKING:` bodies
+        if isinstance(node, ast.If) and isinstance(node.test, ast.Name) and node.test.id == "TYPE_CHECKING":
+            node.body = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            found.update(a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            base = node.module if not node.level else ".".join(name.split(".")[: -node.level] + [node.module])
+            found.add(base)
+            found.update(f"{base}.{a.name}" for a in node.names)  # `from pkg import module`
+    out = set()
+    for mod in found:
+        parts = mod.split(".")
+        if parts[0] in OURS:
+            out.update(".".join(parts[:i]) for i in range(1, len(parts) + 1))
+    return out
+
+
+def module_closure(roots: tuple[str, ...]) -> dict[str, Path]:
+    """Our modules that `roots` import, transitively (by reading their source), with their files."""
+    seen: dict[str, Path] = {}
+    todo = list(roots)
+    while todo:
+        name = todo.pop()
+        if name in seen:
+            continue
+        path = _module_file(name)
+        if path is None:  # a name imported from a module, not a module itself
+            continue
+        seen[name] = path
+        todo.extend(_imports(name, path) - set(seen))
+    return dict(sorted(seen.items()))
+
+
+def scoped_code_hash(roots: tuple[str, ...], read=lambda p: p.read_bytes()) -> str:
+    """Hash of the source of `roots` and of every module of ours they import: the code version
+    of one result. Editing a method changes the hash of its own results only, never another
+    method's; config yamls are not code (their values are part of the resolved config)."""
+    h = hashlib.sha256()
+    for name, path in module_closure(tuple(roots)).items():
+        h.update(name.encode())
+        h.update(read(path))
+    return h.hexdigest()[:12]
 
 
 @functools.lru_cache
-def code_hash() -> str:
-    """Hash of every source and config file of the harness: the code version in run_id
-    (a git sha misses uncommitted edits; this does not)."""
-    h = hashlib.sha256()
-    for d in _CODE_DIRS:
-        for p in sorted((ROOT / d).rglob("*")):
-            if p.suffix in (".py", ".yaml") and "__pycache__" not in p.parts:
-                h.update(str(p.relative_to(ROOT)).encode())
-                h.update(p.read_bytes())
-    return h.hexdigest()[:12]
+def code_hash(roots: tuple[str, ...] | None = None) -> str:
+    """`scoped_code_hash` of `roots`; None: every module of ours (the record's overall version)."""
+    if roots is None:
+        roots = tuple(sorted(m.name for pkg in OURS if (spec := importlib.util.find_spec(pkg))
+                             for m in pkgutil.walk_packages(spec.submodule_search_locations, f"{pkg}.")))
+    return scoped_code_hash(roots)
 
 
 @functools.lru_cache

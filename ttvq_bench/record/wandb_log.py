@@ -1,8 +1,16 @@
-"""W&B mirror of a run record. Offline by default: no account, no network, never blocks."""
+"""W&B mirror of a run record. Offline by default: no account, no network, never blocks.
+
+`online` without an API key, or when the service cannot be reached within a few seconds,
+falls back to offline with one warning line (`wandb sync` uploads it later): W&B never costs
+a job."""
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
+
+log = logging.getLogger("ttvq")
+INIT_TIMEOUT_S = 10
 
 
 class WandbRun:
@@ -10,10 +18,19 @@ class WandbRun:
         self.run = None
         if wcfg.mode == "disabled":
             return
-        self.run = _wandb_init(
-            mode=wcfg.mode, project=wcfg.project, entity=wcfg.entity, group=wcfg.group or group,
-            tags=list(wcfg.tags) + tags, name=name, config=config, dir=str(output_dir), reinit="finish_previous",
-        )
+        kwargs = dict(project=wcfg.project, entity=wcfg.entity, group=wcfg.group or group,
+                      tags=list(wcfg.tags) + tags, name=name, config=config, dir=str(output_dir), reinit="finish_previous")
+        mode = str(wcfg.mode)
+        if mode == "online" and not _has_api_key():
+            log.warning("W&B: online mode but no API key (WANDB_API_KEY or `wandb login`): logging offline instead")
+            mode = "offline"
+        try:
+            self.run = _wandb_init(mode=mode, **kwargs)
+        except Exception as e:  # the service unreachable, a bad key: never the job's problem
+            if mode != "online":
+                raise
+            log.warning("W&B: online init failed (%s): logging offline instead", str(e).splitlines()[0] if str(e) else type(e).__name__)
+            self.run = _wandb_init(mode="offline", **kwargs)
 
     def log(self, metrics: dict) -> None:
         if self.run is not None:
@@ -29,11 +46,18 @@ class WandbRun:
         self.run.finish(exit_code=0 if ok else 1)
 
 
+def _has_api_key() -> bool:
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    netrc = Path(os.environ.get("NETRC", Path.home() / ".netrc"))
+    return netrc.is_file() and "api.wandb.ai" in netrc.read_text(errors="replace")
+
+
 def _wandb_init(**kwargs):
     os.environ.setdefault("WANDB_SILENT", "true")
     import wandb
 
-    return wandb.init(**kwargs)
+    return wandb.init(settings=wandb.Settings(init_timeout=INIT_TIMEOUT_S), **kwargs)
 
 
 def _flatten(d: dict, prefix: str = "") -> dict:

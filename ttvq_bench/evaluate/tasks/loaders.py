@@ -26,6 +26,10 @@ from pathlib import Path
 
 from ttvq_bench.errors import DataError
 
+# The folder under task_data each standard task reads (its files are part of a run's identity).
+DATA_DIRS = {"piqa": "piqa", "arc_easy": "arc", "arc_challenge": "arc", "hellaswag": "hellaswag",
+             "winogrande": "winogrande", "lambada_openai": "lambada"}
+
 # -------------------------------------------------------------------------------------------
 # standard sets from local files
 
