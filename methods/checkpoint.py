@@ -53,9 +53,10 @@ def _dedupe(sd: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[
 
 
 def save_module_state(module: nn.Module, path: str | Path, storage_dtype: str | None = "float16",
-                      extra: dict | None = None) -> None:
-    """Write `module`'s state atomically (temporary name, then rename). Unquantized floating
-    tensors are cast to `storage_dtype` (None: kept exactly as they are, e.g. resume state)."""
+                      extra: dict | None = None) -> str:
+    """Write `module`'s state atomically (temporary name, then rename); returns the content hash.
+    Unquantized floating tensors are cast to `storage_dtype` (None: kept exactly as they are,
+    e.g. resume state)."""
     qlayers = quantized_layers(module)
     prefixes = tuple(f"{n}." for n in qlayers)
     sd, aliases = _dedupe(module.state_dict())
@@ -77,6 +78,7 @@ def save_module_state(module: nn.Module, path: str | Path, storage_dtype: str | 
     save_file(tensors, str(tmp), metadata={"ttvq": json.dumps(meta)})
     fault_point(f"write:{path.name}")
     os.replace(tmp, path)
+    return meta["content_sha"]
 
 
 def read_meta(path: str | Path) -> dict[str, Any]:

@@ -362,6 +362,48 @@ def test_wandb_online_without_key_falls_back_offline(tmp_path, tiny_cache, cache
     assert list((tmp_path / "w" / "wandb").glob("offline-run-*"))
 
 
+def test_wandb_online_unreachable_falls_back_offline(tmp_path, cache):
+    """A key but no service (a closed port on this machine): offline after init_timeout."""
+    env = {"WANDB_API_KEY": "0" * 40, "WANDB_BASE_URL": "http://127.0.0.1:9", "WANDB_MODE": None}
+    p = job(tmp_path, cache, "method=rtn", "bits=4", "logger=wandb", "logger.wandb.mode=online",
+            "logger.wandb.init_timeout=2", env=env, name="w")
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert "online init failed" in p.out and oks(tmp_path / "results")
+
+
+def test_result_json_never_says_ok_when_the_record_cannot_be_written(tiny_cfg, tmp_path, monkeypatch):
+    from ttvq_bench import run as run_mod
+
+    def full_disk(*a, **k):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(run_mod, "append_run", full_disk)
+    with pytest.raises(OSError):
+        run_mod.run_job(tiny_cfg("method=rtn", "bits=4"), tmp_path / "out")
+    res = json.loads((tmp_path / "out" / "result.json").read_text())
+    assert res["status"] == "failed" and "No space left" in res["error"]
+
+
+def test_one_quantization_many_evaluations(tiny_cfg, tmp_path):
+    """Adding zero-shot tasks to a finished quantization reuses its checkpoint and keeps its
+    per-layer stats and method report; the table merges both evaluations into one row."""
+    from ttvq_analysis.load import load_runs
+    from ttvq_bench.run import run_job
+
+    base = ("method=vptq", "bits=2", "method.codebook_scope=model", "method.kmeans_iters=5")
+    a = run_job(tiny_cfg(*base), tmp_path / "a")
+    b = run_job(tiny_cfg(*base, "eval.zeroshot.tasks=[default_lastword]", "eval.zeroshot.limit=20"), tmp_path / "b")
+    assert a["run_id"] != b["run_id"] and b["quantize"]["source"] == "cache"
+    assert b["quantize"]["layers"] == a["quantize"]["layers"]
+    assert b["quantize"]["method_report"] == a["quantize"]["method_report"] and a["quantize"]["method_report"]["shape"]
+    entry = Path(a["quantize"]["checkpoint"])
+    assert all(f.stat().st_mode & 0o044 == 0o044 for f in entry.parent.iterdir())  # a team can read it
+    df = load_runs(tmp_path / "results")
+    assert len(df) == 1 and df["ppl.default"].iloc[0] == a["ppl"]["default"]
+    assert df["zeroshot.average"].iloc[0] == b["zeroshot"]["average"]
+    assert set(df["run_id"].iloc[0].split(",")) == {a["run_id"], b["run_id"]}
+
+
 def test_never_downloads_whatever_the_environment_says(monkeypatch):
     from ttvq_bench.run import force_offline
 

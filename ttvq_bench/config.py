@@ -107,6 +107,7 @@ class EvalConfig:
 @dataclass
 class WandbConfig:
     mode: WandbMode = WandbMode.offline
+    init_timeout: float = 10.0  # online: seconds to reach the service before logging offline instead
     project: str = "ttvq-bench"
     entity: Optional[str] = None
     group: Optional[str] = None  # default: the sweep dir name (one group per sweep)

@@ -118,17 +118,18 @@ class Quantization:
         round_to_storage(lm.model, cfg.model.storage_dtype)
         check_finite(lm.model, "the quantized model")
         report = {"layers": stats["layers"], "method_report": self.method.report(), "head_report": head_report}
-        path = None
+        path = sha = None
         if cfg.save_checkpoint:
             extra = {"method": self.method_name, "bits": self.bits, "method_config": self.method_config,
                      "head": self.head_name, "head_config": self.head_config, "model": lm.name,
                      "model_fingerprint": lm.fingerprint, "calib": calib_info,
                      "code_hash": code_hash(self.code_roots()), **report}
             with cache.writing("quantized", key) as tmp:
-                save_module_state(lm.model, tmp / "model.safetensors", cfg.model.storage_dtype, extra=extra)
+                sha = save_module_state(lm.model, tmp / "model.safetensors", cfg.model.storage_dtype, extra=extra)
             path = str(cache.path("quantized", key) / "model.safetensors")
         shutil.rmtree(resume, ignore_errors=True)
-        return {"source": "quantized", "checkpoint": path, "resumed_blocks": stats["resumed_blocks"], **report}
+        return {"source": "quantized", "checkpoint": path, "content_sha": sha, "resumed_blocks": stats["resumed_blocks"],
+                **report}
 
 
 def _quantization_report(meta: dict) -> dict:

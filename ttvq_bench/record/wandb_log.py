@@ -10,7 +10,6 @@ import os
 from pathlib import Path
 
 log = logging.getLogger("ttvq")
-INIT_TIMEOUT_S = 10
 
 
 class WandbRun:
@@ -25,12 +24,12 @@ class WandbRun:
             log.warning("W&B: online mode but no API key (WANDB_API_KEY or `wandb login`): logging offline instead")
             mode = "offline"
         try:
-            self.run = _wandb_init(mode=mode, **kwargs)
+            self.run = _wandb_init(mode=mode, init_timeout=float(wcfg.get("init_timeout", 10.0)), **kwargs)
         except Exception as e:  # the service unreachable, a bad key: never the job's problem
             if mode != "online":
                 raise
             log.warning("W&B: online init failed (%s): logging offline instead", str(e).splitlines()[0] if str(e) else type(e).__name__)
-            self.run = _wandb_init(mode="offline", **kwargs)
+            self.run = _wandb_init(mode="offline", init_timeout=10.0, **kwargs)
 
     def log(self, metrics: dict) -> None:
         if self.run is not None:
@@ -53,11 +52,11 @@ def _has_api_key() -> bool:
     return netrc.is_file() and "api.wandb.ai" in netrc.read_text(errors="replace")
 
 
-def _wandb_init(**kwargs):
+def _wandb_init(init_timeout: float, **kwargs):
     os.environ.setdefault("WANDB_SILENT", "true")
     import wandb
 
-    return wandb.init(settings=wandb.Settings(init_timeout=INIT_TIMEOUT_S), **kwargs)
+    return wandb.init(settings=wandb.Settings(init_timeout=init_timeout), **kwargs)
 
 
 def _flatten(d: dict, prefix: str = "") -> dict:
