@@ -81,6 +81,14 @@ class PPLConfig:
 
 
 @dataclass
+class KLConfig:
+    """KL(FP ‖ quantized) and top-1 agreement on the perplexity windows (evaluate/kl.py)."""
+
+    enabled: bool = True
+    topk: int = 1024  # FP log-probs kept per token; vocabularies up to this size give the exact KL
+
+
+@dataclass
 class ZeroShotConfig:
     """Zero-shot accuracy through lm-evaluation-harness on the model in memory (no download)."""
 
@@ -101,6 +109,7 @@ class ZeroShotConfig:
 @dataclass
 class EvalConfig:
     ppl: PPLConfig = field(default_factory=PPLConfig)
+    kl: KLConfig = field(default_factory=KLConfig)
     zeroshot: ZeroShotConfig = field(default_factory=ZeroShotConfig)
 
 

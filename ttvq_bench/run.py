@@ -9,7 +9,6 @@ record is on disk.
 from __future__ import annotations
 
 import logging
-import math
 import os
 import resource
 import time
@@ -19,12 +18,10 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from ttvq_bench.config import validate
-from ttvq_bench.data.corpora import load_text
-from ttvq_bench.data.windows import ppl_windows
-from ttvq_bench.errors import ConfigError, QuantizationError
-from ttvq_bench.evaluate.perplexity import perplexity
+from ttvq_bench.errors import ConfigError
 from ttvq_bench.faults import fault_point
-from ttvq_bench.identity import eval_corpora, run_identity
+from ttvq_bench.evaluate.protocol import Evaluation
+from ttvq_bench.identity import run_identity
 from ttvq_bench.models import load_model
 from ttvq_bench.quantize import Quantization, check_finite
 from ttvq_bench.record.cache import Cache
@@ -74,6 +71,8 @@ def run_job(cfg: DictConfig, output_dir: str | Path) -> dict:
         wb = WandbRun(cfg.logger.wandb, OmegaConf.to_container(cfg, resolve=True, enum_to_str=True), output_dir,
                       record["sweep"], tags, name=f"{lm.name}-{q.method_name}-w{q.bits}")
         try:
+            evaluation = Evaluation(cfg, lm, cache)
+            evaluation.take_fp_reference()  # of the model as loaded, before it is quantized
             t0 = time.time()
             record["quantize"] = q.run(cfg, lm, cache, record, progress)
             check_finite(lm.model, "the model to evaluate")
@@ -82,16 +81,7 @@ def run_job(cfg: DictConfig, output_dir: str | Path) -> dict:
             wb.log({"bpw": record["bpw"], "bpw_model": record["bpw_model"]})
             t0 = time.time()
             fault_point("eval")
-            for corpus in eval_corpora(cfg):
-                res, proto = _perplexity(cfg, lm, corpus, progress)
-                record["ppl"][corpus.name], record["protocol"][corpus.name] = res["ppl"], proto
-                wb.log({f"ppl/{corpus.name}": res["ppl"]})
-                log.info("ppl[%s] = %.4f  (%d tokens)", corpus.name, res["ppl"], res["n_tokens"])
-            if cfg.eval.zeroshot.tasks:
-                from ttvq_bench.evaluate.zeroshot import evaluate_zeroshot
-
-                record["zeroshot"] = evaluate_zeroshot(cfg, lm, cache, record, progress)
-                wb.log({"zeroshot": record["zeroshot"]})
+            evaluation.run(record, wb, progress)
             record["timing"]["eval_s"] = round(time.time() - t0, 3)
             record["status"] = "ok"
         except BaseException as e:
@@ -128,22 +118,6 @@ def _check_context(cfg, lm, q: Quantization) -> None:
             raise ConfigError(f"{key}={n} exceeds the context of {lm.name} ({ctx} positions): use at most {ctx}")
 
 
-def _perplexity(cfg, lm, corpus, progress: bool):
-    p = cfg.eval.ppl
-    text, source = load_text(corpus, "eval")
-    bos = lm.tokenizer.bos_id if p.bos else None
-    if p.bos and bos is None:
-        raise ConfigError("eval.ppl.bos=true but the tokenizer has no BOS token")
-    windows = ppl_windows(lm.tokenizer.encode(text), p.seqlen, p.stride, bos, p.max_windows)
-    res = perplexity(lm.model, windows, p.batch_size, progress, desc=f"ppl[{corpus.name}]")
-    if not math.isfinite(res["ppl"]):
-        raise QuantizationError(f"perplexity on {corpus.name} is not finite ({res['ppl']}): the model's outputs overflow")
-    proto = {"seqlen": p.seqlen, "stride": p.stride or p.seqlen, "bos": p.bos, "n_tokens": res["n_tokens"],
-             "n_windows": res["n_windows"], "max_windows": p.max_windows, "split": "eval", "source": source,
-             "convention": "gptq: text tokenized once, windows of seqlen (BOS first if bos), mean NLL of all predicted tokens"}
-    return res, proto
-
-
 def _base_record(cfg, lm, q: Quantization, run_id: str, defining: dict) -> dict:
     from hydra.core.hydra_config import HydraConfig
 
@@ -154,7 +128,7 @@ def _base_record(cfg, lm, q: Quantization, run_id: str, defining: dict) -> dict:
     return {
         "run_id": run_id, "status": "running", "method": q.method_name, "bits": q.bits, "model": lm.name,
         "model_info": {k: v for k, v in lm.info.items() if k != "train_log"}, "model_fingerprint": lm.fingerprint,
-        "head": q.head_name, "bpw": None, "bpw_model": None, "ppl": {}, "zeroshot": {}, "speed": {},
+        "head": q.head_name, "bpw": None, "bpw_model": None, "ppl": {}, "kl": {}, "top1": {}, "zeroshot": {}, "speed": {},
         "protocol": {}, "calib": None, "timing": {}, "peak_rss_mb": None, "versions": versions(),
         "device": device_info(), "seed": cfg.seed, "sweep": sweep, "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
         "config": defining,
