@@ -4,14 +4,25 @@
 class with `supports(layer, x)` and `run(layer, x)`, registered under a name with a
 priority; the highest-priority kernel that supports the layer, its device, layout and token
 count wins. The torch path (dequantize, then `F.linear`) supports everything and is the
-oracle the other kernels are tested against.
+oracle the other kernels are tested against. `kernel_name(layer, x)` says which one a call
+takes (records name the kernel that ran).
+
+The Triton kernels register themselves from their modules (`KERNEL_MODULES`), imported on the
+first lookup rather than here: this module is imported by the layer contract, long before
+anyone runs a kernel, and importing Triton is neither free nor possible everywhere (no Triton
+on macOS/Windows: those modules are then skipped and the torch path runs everything).
+Priorities (docs/kernels.md): LUT 30 > VQ / scalar GEMV 20 > dequantize + matmul 10 > torch -1.
 """
 from __future__ import annotations
+
+import importlib
 
 import torch
 import torch.nn.functional as F
 
 from ttvq_bench.registry import Registry
+
+KERNEL_MODULES = ("ttvq_kernels.vq_gemv", "ttvq_kernels.lut", "ttvq_kernels.scalar_gemv", "ttvq_kernels.dequant")
 
 
 class Kernel:
@@ -26,7 +37,16 @@ class Kernel:
         raise NotImplementedError
 
 
-KERNELS: Registry[type[Kernel]] = Registry("kernel", Kernel)
+def _import_kernel_modules() -> None:
+    for name in KERNEL_MODULES:
+        try:
+            importlib.import_module(name)
+        except ModuleNotFoundError as e:
+            if e.name != "triton" and not (e.name or "").startswith("triton."):
+                raise
+
+
+KERNELS: Registry[type[Kernel]] = Registry("kernel", Kernel, discover=_import_kernel_modules)
 
 
 @KERNELS.register("torch")
@@ -52,3 +72,9 @@ def select(layer, x: torch.Tensor) -> type[Kernel]:
         if (best is None or k.priority > best.priority) and k.supports(layer, x):
             best = k
     return best
+
+
+def kernel_name(layer, x: torch.Tensor) -> str:
+    """The registered name of the kernel `layer(x)` runs."""
+    k = select(layer, x)
+    return next(name for name, obj in KERNELS.items() if obj is k)
