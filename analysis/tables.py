@@ -42,7 +42,9 @@ def ppl_table(df: pd.DataFrame, corpus: str, index: str | list[str] = "method", 
     if dup.any():
         raise ValueError(f"{int(dup.sum())} records share a cell of the table, runs "
                          f"{', '.join(df.loc[dup, 'run_id'].astype(str))}; filter to one (e.g. --where sweep=...)")
-    cell = df[f"ppl.{corpus}"].map(lambda v: f"{float(v):.3f}") + df["bpw"].map(lambda b: f" ({b:.2f})")
+    over = df["over_budget"].fillna(False).astype(bool) if "over_budget" in df else pd.Series(False, index=df.index)
+    cell = (df[f"ppl.{corpus}"].map(lambda v: f"{float(v):.3f}") + df["bpw"].map(lambda b: f" ({b:.2f})")
+            + over.map(lambda o: " *over budget*" if o else ""))
     return df.assign(cell=cell).pivot_table(index=index, columns=columns, values="cell", aggfunc="first")
 
 

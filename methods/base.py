@@ -145,7 +145,7 @@ def make_config(config_cls: type, overrides: dict | None, where: str) -> Any:
         raise ConfigError(f"{where}{'.' + key if key else ''}: {str(e).splitlines()[0]}") from None
 
 
-_RANGES = {"-1 or >= 1": lambda v: v == -1 or v >= 1, ">= 0": lambda v: v >= 0, ">= 1": lambda v: v >= 1, "> 0": lambda v: v > 0,
+_RANGES = {"-1 or >= 1": lambda v: v == -1 or v >= 1, ">= 0": lambda v: v >= 0, ">= 4": lambda v: v >= 4, ">= 1": lambda v: v >= 1, "> 0": lambda v: v > 0,
            "in (0, 1]": lambda v: 0 < v <= 1, "in [0, 1)": lambda v: 0 <= v < 1, "in [0, 100)": lambda v: 0 <= v < 100}
 
 

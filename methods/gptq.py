@@ -13,7 +13,7 @@ from torch import nn
 from ttvq_bench.errors import QuantizationError
 from ttvq_methods.base import Method, check_ranges
 from ttvq_methods.registry import METHODS
-from ttvq_methods.scalar import ScalarQuantLinear, n_groups_for, quant_params, quantize_to_codes
+from ttvq_methods.scalar import ScalarQuantLinear, ScaleDType, n_groups_for, quant_params, quantize_to_codes
 from ttvq_methods.second_order import obs_quantize, prepare_hessian
 
 @dataclass
@@ -26,6 +26,7 @@ class GPTQConfig:
     percdamp: float = 0.01  # damping added to diag(H), relative to mean(diag(H))
     blocksize: int = 128  # lazy-update block width: speed only, not the result
     true_sequential: bool = True  # consumed by the block loop (Hessians after earlier sublayers)
+    scale_dtype: ScaleDType = ScaleDType.float16  # float32: the reference's (counted at 32 bits)
 
 
 @dataclass
@@ -40,7 +41,7 @@ class GPTQResult:
 @torch.no_grad()
 def gptq_quantize(W: torch.Tensor, H: torch.Tensor, bits: int, group_size: int = -1, sym: bool = False,
                   act_order: bool = False, static_groups: bool = False, percdamp: float = 0.01,
-                  blocksize: int = 128, name: str = "") -> GPTQResult:
+                  blocksize: int = 128, name: str = "", scale_dtype: str = "float16") -> GPTQResult:
     m, k = W.shape
     who = f"gptq {name}"
     W, H = prepare_hessian(W, H, who)
@@ -51,7 +52,7 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, bits: int, group_size: int =
     zeros = torch.empty(m, G, device=W.device)
     if not dynamic:  # one grid per row, or static groups: fitted to the original weight
         for g in range(G):
-            scales[:, g], zeros[:, g] = quant_params(W[:, g * gs : (g + 1) * gs], bits, sym)
+            scales[:, g], zeros[:, g] = quant_params(W[:, g * gs : (g + 1) * gs], bits, sym, scale_dtype)
 
     perm = torch.argsort(H.diagonal(), descending=True, stable=True) if act_order else None
     # group of the column at each processing position
@@ -60,7 +61,7 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, bits: int, group_size: int =
 
     def quantize_column(c: int, w: torch.Tensor, ahead) -> torch.Tensor:
         if dynamic and c % gs == 0:  # the group's grid, from its columns with every update so far
-            scales[:, c // gs], zeros[:, c // gs] = quant_params(ahead(min(c + gs, k)), bits, sym)
+            scales[:, c // gs], zeros[:, c // gs] = quant_params(ahead(min(c + gs, k)), bits, sym, scale_dtype)
         g = int(group_at[c])
         q = quantize_to_codes(w, scales[:, g], zeros[:, g], bits)
         codes[:, c] = q
@@ -95,7 +96,7 @@ class GPTQ(Method):
     def quantize_layer(self, name: str, layer: nn.Linear, H: torch.Tensor | None) -> nn.Module:
         c = self.cfg
         r = gptq_quantize(layer.weight.data, H, self.bits, c.group_size, c.sym, c.act_order,
-                          c.static_groups, c.percdamp, c.blocksize, name=name)
+                          c.static_groups, c.percdamp, c.blocksize, name=name, scale_dtype=str(c.scale_dtype))
         q = ScalarQuantLinear.from_codes(r.codes, r.scales, r.zeros, self.bits, c.group_size, c.sym,
-                                         g_idx=r.g_idx, bias=layer.bias)
+                                         g_idx=r.g_idx, bias=layer.bias, scale_dtype=str(c.scale_dtype))
         return q.to(layer.weight.device)

@@ -8,7 +8,7 @@ from torch import nn
 
 from ttvq_methods.base import Method, check_ranges
 from ttvq_methods.registry import METHODS
-from ttvq_methods.scalar import ScalarQuantLinear, rtn_quantize
+from ttvq_methods.scalar import ScalarQuantLinear, ScaleDType, rtn_quantize
 
 
 @dataclass
@@ -16,6 +16,7 @@ class RTNConfig:
     name: str = "rtn"
     group_size: int = -1  # -1: one (scale, zero) per output row
     sym: bool = False
+    scale_dtype: ScaleDType = ScaleDType.float16  # float32: the reference's (counted at 32 bits)
 
 
 @METHODS.register("rtn")
@@ -31,7 +32,8 @@ class RTN(Method):
 
     @torch.no_grad()
     def quantize_layer(self, name: str, layer: nn.Linear, H: torch.Tensor | None) -> nn.Module:
-        codes, scales, zeros = rtn_quantize(layer.weight.data, self.bits, self.cfg.group_size, self.cfg.sym)
-        q = ScalarQuantLinear.from_codes(codes, scales, zeros, self.bits, self.cfg.group_size, self.cfg.sym,
-                                         bias=layer.bias)
+        c = self.cfg
+        codes, scales, zeros = rtn_quantize(layer.weight.data, self.bits, c.group_size, c.sym, str(c.scale_dtype))
+        q = ScalarQuantLinear.from_codes(codes, scales, zeros, self.bits, c.group_size, c.sym, bias=layer.bias,
+                                         scale_dtype=str(c.scale_dtype))
         return q.to(layer.weight.device)

@@ -6,9 +6,9 @@ Asymmetric: the row/group range [min(w, 0), max(w, 0)] is split into maxq steps 
 integer in [0, maxq]. Symmetric: range ±max|w|, zero = (maxq + 1) / 2 (fixed, so not stored);
 as in GPTQ the top code then reaches only (maxq - zero) * scale, one step short of +max|w|.
 
-Scales are stored in fp16, so they are rounded to fp16 *before* codes and zeros are computed:
-the codes are then optimal for the scale actually stored, and `dequantize()` reproduces exactly
-the values the quantizer produced.
+Scales are stored in fp16 (or fp32 with `scale_dtype`, counted at 32 bits), so they are rounded
+to the stored dtype *before* codes and zeros are computed: the codes are then optimal for the
+scale actually stored, and `dequantize()` reproduces exactly the values the quantizer produced.
 """
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from ttvq_bench.choices import Choice
 from ttvq_bench.errors import QuantizationError
 from ttvq_methods.layers import QuantizedLinear
 from ttvq_methods.packing import pack, packed_nbytes, unpack
@@ -35,8 +36,11 @@ def n_groups_for(in_features: int, group_size: int) -> int:
     return math.ceil(in_features / group_size)
 
 
-def quant_params(w: torch.Tensor, bits: int, sym: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-row (scale, zero) of w (rows, cols) as fp32 vectors; scale is fp16-exact."""
+SCALE_DTYPES = {"float16": torch.float16, "float32": torch.float32}
+
+
+def quant_params(w: torch.Tensor, bits: int, sym: bool, scale_dtype: str = "float16") -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row (scale, zero) of w (rows, cols) as fp32 vectors; scale is exact in `scale_dtype`."""
     maxq = 2**bits - 1
     w = w.float()
     zero_ = torch.zeros(w.shape[0], device=w.device)
@@ -48,7 +52,7 @@ def quant_params(w: torch.Tensor, bits: int, sym: bool) -> tuple[torch.Tensor, t
     dead = (xmin == 0) & (xmax == 0)  # all-zero row: any grid works, GPTQ uses [-1, 1]
     xmin = torch.where(dead, -torch.ones_like(xmin), xmin)
     xmax = torch.where(dead, torch.ones_like(xmax), xmax)
-    scale = ((xmax - xmin) / maxq).clamp_min(_MIN_SCALE).half().float()
+    scale = ((xmax - xmin) / maxq).clamp_min(_MIN_SCALE).to(SCALE_DTYPES[scale_dtype]).float()
     if not torch.isfinite(scale).all():
         raise QuantizationError("weights are NaN/Inf or too large for fp16 scales")
     if sym:
@@ -69,7 +73,7 @@ def quantize_to_codes(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, 
     return torch.clamp(torch.round(w / scale) + zero, 0, 2**bits - 1)
 
 
-def rtn_quantize(W: torch.Tensor, bits: int, group_size: int, sym: bool):
+def rtn_quantize(W: torch.Tensor, bits: int, group_size: int, sym: bool, scale_dtype: str = "float16"):
     """Round-to-nearest: (codes (m, k), scales (m, G), zeros (m, G)), columns grouped in order."""
     W = W.float()
     m, k = W.shape
@@ -80,30 +84,36 @@ def rtn_quantize(W: torch.Tensor, bits: int, group_size: int, sym: bool):
     zeros = torch.empty(m, G, device=W.device)
     for g in range(G):
         cols = slice(g * gs, min((g + 1) * gs, k))  # the last group may be shorter
-        scales[:, g], zeros[:, g] = quant_params(W[:, cols], bits, sym)
+        scales[:, g], zeros[:, g] = quant_params(W[:, cols], bits, sym, scale_dtype)
         codes[:, cols] = quantize_to_codes(W[:, cols], scales[:, g], zeros[:, g], bits)
     return codes, scales, zeros
 
 
+class ScaleDType(Choice):
+    float16 = "float16"
+    float32 = "float32"  # the GPTQ reference's scales (counted at 32 bits)
+
+
 @LAYERS.register("scalar")
 class ScalarQuantLinear(QuantizedLinear):
-    """Buffers: codes (packed, bits each), scales fp16 (out, G), zeros (packed, bits each; absent
+    """Buffers: codes (packed, bits each), scales fp16 or fp32 (out, G), zeros (packed, bits each; absent
     when symmetric), g_idx (packed, ceil(log2 G) bits; only when act_order changed which group a
     column belongs to, otherwise column j is in group j // group_size), bias fp16 (optional)."""
 
     kind = "scalar"
 
     def __init__(self, in_features: int, out_features: int, bits: int, group_size: int = -1,
-                 sym: bool = False, has_g_idx: bool = False, has_bias: bool = False):
+                 sym: bool = False, has_g_idx: bool = False, has_bias: bool = False, scale_dtype: str = "float16"):
         super().__init__(in_features, out_features, has_bias)
         if not 1 <= bits <= 16:
             raise ValueError(f"bits must be in 1..16, got {bits}")
         self.bits, self.group_size, self.sym, self.has_g_idx = bits, group_size, sym, has_g_idx
+        self.scale_dtype = str(scale_dtype)
         self.n_groups = n_groups_for(in_features, group_size)
         m, k, G = out_features, in_features, self.n_groups
         u8 = dict(dtype=torch.uint8)
         self.register_buffer("codes", torch.zeros(packed_nbytes(m * k, bits), **u8))
-        self.register_buffer("scales", torch.zeros(m, G, dtype=torch.float16))
+        self.register_buffer("scales", torch.zeros(m, G, dtype=SCALE_DTYPES[self.scale_dtype]))
         if not sym:
             self.register_buffer("zeros", torch.zeros(packed_nbytes(m * G, bits), **u8))
         if has_g_idx:
@@ -118,7 +128,7 @@ class ScalarQuantLinear(QuantizedLinear):
     @classmethod
     def from_codes(cls, codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, bits: int,
                    group_size: int, sym: bool, g_idx: torch.Tensor | None = None,
-                   bias: torch.Tensor | None = None) -> "ScalarQuantLinear":
+                   bias: torch.Tensor | None = None, scale_dtype: str = "float16") -> "ScalarQuantLinear":
         """Pack integer codes (m, k), per-group scales/zeros (m, G) and optional column->group
         map g_idx (k,). g_idx equal to the default j // group_size is not stored."""
         m, k = codes.shape
@@ -127,9 +137,10 @@ class ScalarQuantLinear(QuantizedLinear):
             raise ValueError(f"scales/zeros must be {(m, G)}, got {tuple(scales.shape)}/{tuple(zeros.shape)}")
         if g_idx is not None and torch.equal(g_idx.cpu().long(), cls._default_g_idx(k, group_size, G)):
             g_idx = None
-        layer = cls(k, m, bits, group_size, sym, has_g_idx=g_idx is not None, has_bias=bias is not None)
+        layer = cls(k, m, bits, group_size, sym, has_g_idx=g_idx is not None, has_bias=bias is not None,
+                    scale_dtype=scale_dtype)
         layer.codes.copy_(pack(codes, bits))
-        layer.scales.copy_(scales.half())  # scales are fp16-exact already: no rounding here
+        layer.scales.copy_(scales)  # exact in the stored dtype already: no rounding here
         if not sym:
             layer.zeros.copy_(pack(zeros, bits))
         if g_idx is not None:
@@ -162,4 +173,4 @@ class ScalarQuantLinear(QuantizedLinear):
     def meta(self) -> dict[str, Any]:
         return dict(in_features=self.in_features, out_features=self.out_features, bits=self.bits,
                     group_size=self.group_size, sym=self.sym, has_g_idx=self.has_g_idx,
-                    has_bias=self.has_bias)
+                    has_bias=self.has_bias, scale_dtype=self.scale_dtype)

@@ -216,13 +216,14 @@ def cached_hessians(block: nn.Module, names: list[str], inputs: BlockInputs, cac
 
 
 @torch.no_grad()
-def fp_hessian_diags(model: nn.Module, inputs: BlockInputs) -> dict[str, torch.Tensor]:
-    """diag(XᵀX/n) of every decoder-block linear, by full name, from one pass of the
-    full-precision blocks over the calibration inputs (`inputs` is left untouched)."""
+def fp_hessians(model: nn.Module, inputs: BlockInputs, diag_only: bool = False) -> dict[str, torch.Tensor]:
+    """XᵀX/n (or its diagonal) of every decoder-block linear, by full name, from one pass of the
+    full-precision blocks over the calibration inputs (`inputs` is left untouched): what VPTQ,
+    QuIP# and QTIP quantize against, and what shared codebooks are fitted on."""
     out: dict[str, torch.Tensor] = {}
     cur = inputs
     for b, block in enumerate(decoder_layers(model)):
-        diags, hidden = _accumulate(block, list(linears(block)), cur, diag_only=True)
-        out.update({layer_name(b, n): d for n, d in diags.items()})
+        hs, hidden = _accumulate(block, list(linears(block)), cur, diag_only=diag_only)
+        out.update({layer_name(b, n): h for n, h in hs.items()})
         cur = cur.with_hidden(hidden)
     return out

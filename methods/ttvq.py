@@ -119,7 +119,7 @@ class TTVQ(Method):
         self._latents: dict[str, torch.Tensor] = {}  # latent_init=compensated, until the block trains
         self._trained_latents: dict[str, torch.Tensor] = {}  # after the block stage (peft_latent)
         self._n_params = 0
-        self._report: dict = {"shape": self.init.shape(), "init": cfg.init, "blocks": {}, "peft": None}
+        self._report: dict = {"init": cfg.init, "blocks": {}, "peft": None}
 
     @property
     def true_sequential(self) -> bool:
@@ -142,8 +142,8 @@ class TTVQ(Method):
     def prepare(self, model: nn.Module, inputs, teacher) -> None:
         t0 = time.time()
         self._n_params = unique_param_count(model)
-        self.init.prepare(model, inputs, teacher)
-        self._report["prepare_s"] = round(time.time() - t0, 3)
+        self.init.prepare(model, inputs, teacher)  # resolves the VQ shape from the bits budget
+        self._report.update(shape=self.init.shape(), prepare_s=round(time.time() - t0, 3))
         if teacher.synthetic is not None:
             self._report["synthetic"] = {"windows": int(teacher.synthetic.ids.shape[0]),
                                          "temperature": self.cfg.synthetic_temperature}

@@ -22,13 +22,13 @@ import torch
 from torch import nn
 
 from ttvq_bench.choices import Choice
-from ttvq_bench.errors import QuantizationError
+from ttvq_bench.errors import ConfigError, QuantizationError
 from ttvq_methods.base import BlockContext, VQMethod, check_ranges
 from ttvq_methods.distill import TrainConfig, distill_block
 from ttvq_methods.model_walk import decoder_layers, layer_name, linears, modules_of, norm_params
 from ttvq_methods.registry import METHODS
-from ttvq_methods.second_order import fp_hessian_diags, hinv_upper, layer_proxy_loss, obs_quantize, prepare_hessian
-from ttvq_methods.vq.bits_table import VPTQ_NORM, VQSpec, vptq_spec
+from ttvq_methods.second_order import fp_hessians, hinv_upper, layer_proxy_loss, obs_quantize, prepare_hessian
+from ttvq_methods.vq.budget import NORM_BY_SCOPE, Resolved, VQSpec, model_shapes, n_outlier_columns, resolve
 from ttvq_methods.vq.codebook import CodebookScope, fit_codebook, pooled, scope_key, tie_shared, vector_weights
 from ttvq_methods.vq.kmeans import KMeansInit, nearest
 from ttvq_methods.vq.layer import VQLinear, stored_mode, to_vectors, train_mode
@@ -36,8 +36,13 @@ from ttvq_methods.vq.layer import VQLinear, stored_mode, to_vectors, train_mode
 log = logging.getLogger(__name__)
 
 
+class HessianSource(Choice):
+    sequential = "sequential"  # on the quantized prefix, true-sequential (GPTQ's way; the default)
+    fp = "fp"  # once from the full-precision model (the reference VPTQ, QuIP#, QTIP)
+
+
 class VPTQNorm(Choice):
-    scope = "scope"  # the scope's default (bits_table.VPTQ_NORM): line for "layer", tensor otherwise
+    scope = "scope"  # the scope's default (vq/budget.NORM_BY_SCOPE): line for "layer", tensor otherwise
     none = "none"
     tensor = "tensor"  # one fp16 scale (and mean) per layer
     line = "line"  # per input column: the reference's enable_norm (mean/std over the column)
@@ -46,8 +51,9 @@ class VPTQNorm(Choice):
 @dataclass
 class VPTQConfig:
     name: str = "vptq"
-    codebook_scope: CodebookScope = CodebookScope.layer  # layer (paper) | block | model
-    # Shape: 0 means "from the bits table" (vq/bits_table.py).
+    # auto: from the bits budget and the model's layer sizes (vq/budget.py); layer is the paper's
+    codebook_scope: CodebookScope = CodebookScope.auto
+    # Shape: 0 means "resolved from the bits budget" (vq/budget.py).
     vector_len: int = 0
     codebook_size: int = 0
     residual: bool = False  # residual codebook + second pass
@@ -55,6 +61,7 @@ class VPTQConfig:
     outlier_percent: float = 0.0  # % of input columns with their own codebook (reference: npercent)
     outlier_vector_len: int = 0
     outlier_codebook_size: int = 0  # -1: outlier columns kept in fp16
+    max_codebook_size: int = 4096  # the largest K (and Kr) the budget rule considers
     norm: VPTQNorm = VPTQNorm.scope
     norm_bias: bool = True  # store a per-column (per-tensor) mean as well as the scale
     perm: bool = True  # quantize columns by decreasing importance (reference: enable_perm)
@@ -62,6 +69,7 @@ class VPTQConfig:
     second_order: bool = True  # GPTQ-style column loop with error feedback; false: plain VQ
     percdamp: float = 0.01
     blocksize: int = 128  # lazy-update block width: speed only
+    hessians: HessianSource = HessianSource.sequential
     kmeans_iters: int = 100
     kmeans_tol: float = 1e-5
     kmeans_init: KMeansInit = KMeansInit.kmeanspp  # kmeanspp | random (the reference's cuML init)
@@ -108,13 +116,13 @@ def normalize(W: torch.Tensor, norm: str, with_bias: bool):
     return Wn, scale, bias
 
 
-def n_outlier_columns(percent: float, n: int) -> int:
-    return min(n - 1, math.ceil(percent / 100 * n)) if percent > 0 else 0
-
-
 def resolve_norm(cfg: VPTQConfig) -> VPTQConfig:
-    """norm "scope" -> the scope's default norm (bits_table.VPTQ_NORM)."""
-    return dataclasses.replace(cfg, norm=VPTQNorm(VPTQ_NORM[cfg.codebook_scope])) if cfg.norm == "scope" else cfg
+    """norm "scope" -> the scope's default norm (vq/budget.NORM_BY_SCOPE)."""
+    if cfg.norm != "scope":
+        return cfg
+    if cfg.codebook_scope == "auto":
+        raise QuantizationError("vptq: norm 'scope' with codebook_scope 'auto' is resolved from the budget first")
+    return dataclasses.replace(cfg, norm=VPTQNorm(NORM_BY_SCOPE[cfg.codebook_scope]))
 
 
 def prep_layer(W: torch.Tensor, hdiag: torch.Tensor, cfg: VPTQConfig, spec: VQSpec) -> LayerPrep:
@@ -269,13 +277,15 @@ class VPTQ(VQMethod):
     needs_hessian = True
 
     def __init__(self, cfg: VPTQConfig, bits: int):
-        cfg = resolve_norm(cfg)
         super().__init__(cfg, bits)
-        self.spec = vptq_spec(bits, cfg.codebook_scope, cfg.residual, cfg.norm, cfg.vector_len, cfg.codebook_size,
-                              cfg.res_codebook_size, cfg.outlier_percent, cfg.outlier_vector_len,
-                              cfg.outlier_codebook_size)
         check_ranges(cfg, self.name, ft_epochs=">= 0", kmeans_iters=">= 1", blocksize=">= 1", percdamp=">= 0",
-                     outlier_percent="in [0, 100)")
+                     outlier_percent="in [0, 100)", max_codebook_size=">= 4")
+        if cfg.residual and cfg.res_codebook_size == 1:
+            raise ConfigError(f"{self.name}: residual=true needs res_codebook_size >= 2 (or 0: from the budget)")
+        self.spec: VQSpec | None = None  # resolved from the budget and the model in prepare()
+        self.resolved: Resolved | None = None
+        self.needs_hessian = cfg.hessians == "sequential"
+        self.fp_H: dict[str, torch.Tensor] = {}  # hessians=fp: every layer's, from the FP model
         self.books: dict[str, dict[str, torch.Tensor]] = {}
         self.layer_stats: dict[str, dict] = {}
         self.ft: dict[int, dict] = {}
@@ -289,16 +299,36 @@ class VPTQ(VQMethod):
         return self.cfg.finetune
 
     def shape(self) -> dict:
-        return {**dataclasses.asdict(self.spec), "index_bpw": self.spec.index_bpw,
-                "codebook_scope": str(self.cfg.codebook_scope), "norm": str(self.cfg.norm)}
+        if self.resolved is None:
+            return {}
+        r = self.resolved
+        return {**dataclasses.asdict(r.spec), "index_bpw": r.spec.index_bpw, "codebook_scope": r.scope, "norm": r.norm,
+                "bpw": r.bpw, "over_budget": r.over_budget, "bits": self.bits}
+
+    def resolve_shape(self, model: nn.Module) -> None:
+        """The shape `bits` buys on this model (vq/budget.py), logged and recorded."""
+        c = self.cfg
+        r = resolve(self.bits, model_shapes(model), scope=c.codebook_scope, norm=c.norm, norm_bias=c.norm_bias,
+                    residual=c.residual, vector_len=c.vector_len, codebook_size=c.codebook_size,
+                    res_codebook_size=c.res_codebook_size, outlier_percent=c.outlier_percent,
+                    outlier_vector_len=c.outlier_vector_len, outlier_codebook_size=c.outlier_codebook_size,
+                    max_codebook_size=c.max_codebook_size)
+        self.resolved, self.spec = r, r.spec
+        self.cfg = dataclasses.replace(c, codebook_scope=CodebookScope(r.scope), norm=VPTQNorm(r.norm))
+        log.info("%s: bits=%d -> codebook_scope=%s d=%d K=%s norm=%s: %.4f bpw%s", self.name, self.bits, r.scope,
+                 r.spec.vector_len, "+".join(map(str, r.spec.codebook_sizes)), r.norm, r.bpw,
+                 " (over budget)" if r.over_budget else "")
 
     # -- shared codebooks, fitted once before the block loop --------------------------------------
     @torch.no_grad()
     def prepare(self, model: nn.Module, inputs, teacher) -> None:
+        self.resolve_shape(model)
         cfg, spec = self.cfg, self.spec
+        if cfg.hessians == "fp":
+            self.fp_H = fp_hessians(model, inputs)
         if cfg.codebook_scope == "layer":
             return
-        diag = fp_hessian_diags(model, inputs)
+        diag = fp_hessians(model, inputs, diag_only=True)
         groups: dict[str, list[tuple[str, nn.Linear]]] = {}
         for b, block in enumerate(decoder_layers(model)):
             for n, lin in linears(block).items():
@@ -334,6 +364,8 @@ class VPTQ(VQMethod):
         books = self.books.get(key) if key is not None else None
         if key is not None and books is None:
             raise QuantizationError(f"vptq {name}: no shared codebook for scope {key!r} (prepare not run?)")
+        if self.cfg.hessians == "fp":
+            H = self.fp_H[name]
         r = vptq_quantize(layer.weight.data, H, self.spec, self.cfg, name=name, books=books, scope=key,
                           bias=layer.bias)
         self.layer_stats[name] = r.stats
@@ -350,6 +382,7 @@ class VPTQ(VQMethod):
         W' = Q + (W - Q) U⁻¹ D. Returned in the original domain (out, in)."""
         if not self.cfg.second_order:
             return W.detach().float()
+        H = self.fp_H.get(name, H) if self.cfg.hessians == "fp" else H
         p, Hn, order = _setup(W, H, self.cfg, self.spec, name)
         order = torch.arange(W.shape[1], device=Hn.device) if order is None else order
         U = hinv_upper(Hn[order][:, order], self.cfg.percdamp, f"vptq {name}").double()
@@ -393,6 +426,7 @@ class VPTQ(VQMethod):
                                                   "best_epoch", "steps", "seconds", "n_params")}
 
     def finalize(self, model: nn.Module, calib_ids: torch.Tensor, teacher) -> None:
+        self.fp_H = {}
         # Blocks loaded from a resume directory hold their own copy of a model-wide codebook.
         if self.cfg.codebook_scope != "layer":
             tie_shared(model)

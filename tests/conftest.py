@@ -33,6 +33,13 @@ def shared_data() -> Path:
 
 
 @pytest.fixture(scope="module")
+def shared_data_module() -> Path:
+    if not (DATA / "stories260K" / "stories260K.bin").is_file():
+        pytest.skip(f"shared data not found at {DATA} (set TTVQ_DATA)")
+    return DATA
+
+
+@pytest.fixture(scope="module")
 def one_thread():
     n = torch.get_num_threads()
     torch.set_num_threads(1)

@@ -112,7 +112,7 @@ def test_state_dict_round_trip_through_meta(sym):
     q = rtn(W, 4, group_size=16, sym=sym, bias=bias)
     meta = json.loads(json.dumps(q.meta()))  # must be JSON-able
     assert meta == dict(in_features=50, out_features=7, bits=4, group_size=16, sym=sym,
-                        has_g_idx=False, has_bias=True)
+                        has_g_idx=False, has_bias=True, scale_dtype="float16")
     r = LAYERS.get("scalar").from_meta(meta)
     assert type(r) is ScalarQuantLinear
     r.load_state_dict(q.state_dict(), strict=True)
@@ -146,3 +146,15 @@ def test_registry_and_bits_and_nan():
     W[1, 2] = float("nan")
     with pytest.raises(QuantizationError):
         rtn(W, 4)
+
+
+def test_fp32_scales_are_stored_and_counted_at_32_bits():
+    from ttvq_methods.rtn import RTN, RTNConfig
+
+    lin = torch.nn.Linear(40, 6, bias=False)
+    q16 = RTN(RTNConfig(), 3).quantize_layer("l", lin, None)
+    q32 = RTN(RTNConfig(scale_dtype="float32"), 3).quantize_layer("l", lin, None)
+    assert q32.scales.dtype == torch.float32 and q32.stored_bits() - q16.stored_bits() == 6 * 16
+    # fp16 scales are rounded before the codes are chosen; fp32 ones are not rounded at all
+    assert not torch.equal(q32.scales.float(), q16.scales.float())
+    assert (q32.dequantize() - lin.weight).abs().max() <= (q32.scales.max() / 2) + 1e-6

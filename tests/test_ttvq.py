@@ -166,8 +166,8 @@ def test_config_errors():
     for bad in (dict(update_fraction=0.0), dict(update_period=0), dict(block_epochs=-1), dict(peft_batch_size=0)):
         with pytest.raises(ConfigError, match=next(iter(bad))):
             cls(TTVQConfig(**bad), 2)
-    assert TTVQ(TTVQConfig(), 2).init.spec.index_bpw == 2.0 and TTVQ(TTVQConfig(), 3).init.spec.index_bpw == pytest.approx(8 / 3)
-    assert TTVQ(TTVQConfig(), 2).init.cfg.codebook_scope == "model"
+    init = TTVQ(TTVQConfig(), 2).init
+    assert (init.cfg.codebook_scope, init.cfg.norm, init.cfg.norm_bias) == ("model", "line", False)
 
 
 def test_yaml_composes(compose):
@@ -175,7 +175,7 @@ def test_yaml_composes(compose):
     assert cfg.method.name == "ttvq" and cfg.method.index_update == "latent" and cfg.method.init == "vptq"
     from omegaconf import OmegaConf
 
-    assert TTVQ(OmegaConf.to_object(cfg.method), 2).init.spec.vector_len == 3
+    assert TTVQ(OmegaConf.to_object(cfg.method), 2).init.cfg.vector_len == 3
     abl = compose(["experiment=ttvq_ablation"])
     assert abl.method.name == "ttvq" and abl.eval.ppl.seqlen == 256
 
@@ -296,7 +296,11 @@ def test_compensated_latent_reproduces_the_init_codes(norm):
     lin = nn.Linear(12, 16, bias=False)
     lin.weight.data = torch.randn(16, 12, generator=g)
     shape = dict(codebook_scope="layer", vector_len=4, codebook_size=16, kmeans_iters=20)
+    holder = nn.Module()  # a "model" whose one block holds the layer: what the shape is resolved on
+    holder.model = nn.Module()
+    holder.model.layers = nn.ModuleList([nn.ModuleDict({"l": lin})])
     m = TTVQ(TTVQConfig(init_args={"vptq": dict(shape, norm=norm)}), 2)
+    m.init.resolve_shape(holder)
     q = m.init.quantize_layer("l", lin, H)
     # GPTQ-style assignment: the codes are the nearest codewords of the error-compensated
     # weight, not of W itself.
@@ -304,6 +308,7 @@ def test_compensated_latent_reproduces_the_init_codes(norm):
     assert copy.deepcopy(q).make_trainable(rounded).update_indices()["changed"] == 0
     assert copy.deepcopy(q).make_trainable(lin.weight).update_indices()["changed"] > 0
     k = TTVQ(TTVQConfig(init="kmeans", init_args={"kmeans": shape}), 2)
+    k.init.resolve_shape(holder)
     assert torch.equal(k.init.rounded_weight("l", lin.weight, H, q), lin.weight)
 
 

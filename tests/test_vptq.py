@@ -13,7 +13,7 @@ from ttvq_methods.checkpoint import load_module_state, save_module_state
 from ttvq_methods.base import make_config
 from ttvq_methods.registry import METHODS
 from ttvq_methods.second_order import layer_proxy_loss
-from ttvq_methods.vq.bits_table import VPTQ_TABLE, VQSpec, vptq_spec
+from ttvq_methods.vq.budget import VQSpec
 from ttvq_methods.vq.codebook import fit_codebook, vector_weights
 from ttvq_methods.vq.layer import to_vectors
 from ttvq_methods.vptq import VPTQConfig, prep_layer, vptq_quantize
@@ -63,7 +63,7 @@ def test_second_order_beats_plain_kmeans_same_codebook(real_block, name, d):
 
 def test_residual_pass_and_outliers_help(real_block):
     W, H = real_block["mlp.gate_proj"]
-    cfg = VPTQConfig()
+    cfg = VPTQConfig(codebook_scope="layer")
     base = vptq_quantize(W, H, VQSpec(4, 64), cfg)
     res = vptq_quantize(W, H, VQSpec(4, 64, 16), cfg)
     assert res.stats["proxy"] < 0.8 * res.stats["proxy_pass1"]  # pass 2 with the residual codebook
@@ -74,7 +74,7 @@ def test_residual_pass_and_outliers_help(real_block):
 
 def test_stores_exactly_what_it_computed(real_block):
     W, H = real_block["mlp.gate_proj"]  # 172 rows: with d=8 the last vector of each column is padded
-    for cfg in (VPTQConfig(), VPTQConfig(norm="tensor", norm_bias=False), VPTQConfig(norm="none", perm=False)):
+    for cfg in (VPTQConfig(codebook_scope="layer"), VPTQConfig(codebook_scope="layer", norm="tensor", norm_bias=False), VPTQConfig(codebook_scope="layer", norm="none", perm=False)):
         r = vptq_quantize(W, H, VQSpec(8, 64, 16, 3.0, 2, 32), cfg)
         p = prep_layer(W, H.diagonal(), cfg, VQSpec(8, 64, 16, 3.0, 2, 32))
         Wq = r.Qn if p.scale is None else (r.Qn * p.scale + (p.bias if p.bias is not None else 0))
@@ -85,7 +85,7 @@ def test_stores_exactly_what_it_computed(real_block):
 
 def test_bpw_by_hand_with_residual_and_outliers(real_block, tmp_path):
     W, H = real_block["mlp.gate_proj"]  # (172, 64)
-    r = vptq_quantize(W, H, VQSpec(8, 256, 16, 3.0, 2, 256), VPTQConfig())
+    r = vptq_quantize(W, H, VQSpec(8, 256, 16, 3.0, 2, 256), VPTQConfig(codebook_scope="layer"))
     # 3% of 64 columns -> 2 outlier columns; 62 regular columns of ceil(172/8) = 22 vectors
     # (176 rows, 4 of them padding); outlier columns: 86 vectors of 2.
     bits = (62 * 22 * 8  # main codes, 8 bits
@@ -109,44 +109,32 @@ def test_bpw_by_hand_with_residual_and_outliers(real_block, tmp_path):
 def test_same_seed_same_indices(real_block):
     W, H = real_block["self_attn.q_proj"]
     spec = VQSpec(4, 64, 16)
-    a = vptq_quantize(W, H, spec, VPTQConfig(kmeans_seed=3))
-    b = vptq_quantize(W, H, spec, VPTQConfig(kmeans_seed=3))
-    c = vptq_quantize(W, H, spec, VPTQConfig(kmeans_seed=4))
+    a = vptq_quantize(W, H, spec, VPTQConfig(codebook_scope="layer", kmeans_seed=3))
+    b = vptq_quantize(W, H, spec, VPTQConfig(codebook_scope="layer", kmeans_seed=3))
+    c = vptq_quantize(W, H, spec, VPTQConfig(codebook_scope="layer", kmeans_seed=4))
     for k in ("codes0", "codes1", "codebook0", "codebook1"):
         assert torch.equal(a.layer.state_dict()[k], b.layer.state_dict()[k]), k
     assert not torch.equal(a.layer.codebook0, c.layer.codebook0)
 
 
-def test_bits_table():
-    assert vptq_spec(2, "layer", False) == VQSpec(6, 4096)
-    assert vptq_spec(2, "model", True).res_codebook_size == 64
-    assert vptq_spec(3, "model", False, codebook_size=1024).codebook_size == 1024
-    s = vptq_spec(2, "layer", False, outlier_percent=1.0)
-    assert (s.outlier_vector_len, s.outlier_codebook_size) == (4, 8192)
-    assert vptq_spec(2, "model", False, outlier_percent=1.0, outlier_codebook_size=-1).outlier_codebook_size == 0
-    for (scope, bits, res), (d, K, Kr) in VPTQ_TABLE.items():  # nominal index rate = bits
-        assert (math.log2(K) + (math.log2(Kr) if res else 0)) / d == bits, (scope, bits, res)
-    with pytest.raises(ConfigError):
-        vptq_spec(7, "model", False)
+def test_config_errors():
     with pytest.raises(ConfigError, match="codebook_scope"):
         make_config(VPTQConfig, {"codebook_scope": "everything"}, "vptq")
-    # with per-column scales the model scope's index budget shrinks (the scales cost ~0.2 bpw)
-    assert vptq_spec(3, "model", False, "line") == VQSpec(3, 256) and vptq_spec(3, "model", False) == VQSpec(3, 512)
+    with pytest.raises(ConfigError, match="outlier_percent"):
+        METHODS.get("vptq")(VPTQConfig(outlier_percent=100.0), 2)
 
 
 def test_yaml_composes(compose):
     cfg = compose(["method=vptq", "bits=2", "method.codebook_scope=model"])
     assert cfg.method.name == "vptq" and cfg.method.codebook_scope == "model"
     assert cfg.method.norm == "scope" and cfg.method.second_order is True
-    from omegaconf import OmegaConf
-    m = METHODS.get("vptq")(OmegaConf.to_object(cfg.method), 2)
-    assert m.cfg.norm == "tensor" and m.spec == VQSpec(4, 256)  # the model scope's defaults
     abl = compose(["experiment=vptq_ablation"])
     assert abl.method.name == "vptq" and abl.method.codebook_scope == "model"
 
 
 VQ_TINY = ("method=vptq", "bits=2", "method.codebook_scope=model", "method.norm=tensor", "method.residual=true",
-           "method.outlier_percent=5", "method.kmeans_iters=20")
+           "method.outlier_percent=5", "method.kmeans_iters=20", "method.vector_len=6", "method.codebook_size=64",
+           "method.res_codebook_size=64")
 
 
 def test_end_to_end_shared_codebook_resume_and_reload(tiny_cfg, tmp_path, monkeypatch):

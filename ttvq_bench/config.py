@@ -60,6 +60,16 @@ class CorpusConfig:
     calib_fraction: float = 0.1
 
 
+class CalibSampler(Choice):
+    documents = "documents"  # torch-seeded offsets into the calibration split (the harness's default)
+    stream = "stream"  # GPTQ's datautils: random.Random(seed).randint over one token stream
+
+
+class CalibSplit(Choice):
+    calib = "calib"  # the corpus's calibration split (disjoint from its evaluation split)
+    all = "all"  # the whole file as it is (the reference protocol's stream; see stream_start)
+
+
 @dataclass
 class CalibConfig:
     corpus: CorpusConfig = field(default_factory=CorpusConfig)
@@ -67,6 +77,9 @@ class CalibConfig:
     seqlen: int = 256  # tokens per window (BOS included when bos=true)
     bos: bool = True
     seed: int = 0
+    sampler: CalibSampler = CalibSampler.documents
+    split: CalibSplit = CalibSplit.calib
+    stream_start: float = 0.0  # stream sampler: windows start at or after this fraction of the tokens
 
 
 @dataclass

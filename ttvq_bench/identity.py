@@ -61,7 +61,7 @@ def run_identity(cfg, lm, q) -> tuple[str, dict]:
     content = {
         "model": lm.fingerprint,
         "eval_text": {c.name: hash_bytes(load_text(c, "eval")[0].encode()) for c in eval_corpora(cfg)},
-        "calib_text": hash_bytes(load_text(cfg.calib.corpus, "calib")[0].encode()) if q.needs_calibration else None,
+        "calib_text": hash_bytes(load_text(cfg.calib.corpus, str(cfg.calib.split))[0].encode()) if q.needs_calibration else None,
         "checkpoint": (q.checkpoint_meta.get("content_sha") or hash_file(q.checkpoint)) if q.checkpoint else None,
         "code": code_hash(RUN_CODE + q.code_roots()),
     }

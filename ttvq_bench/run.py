@@ -32,6 +32,7 @@ from ttvq_bench.record.versions import device_info, versions
 from ttvq_bench.record.wandb_log import WandbRun
 from ttvq_methods.bits import count_bits
 from ttvq_methods.checkpoint import round_to_storage
+from ttvq_methods.vq.budget import BUDGET_SLACK
 
 log = logging.getLogger("ttvq")
 
@@ -78,6 +79,7 @@ def run_job(cfg: DictConfig, output_dir: str | Path) -> dict:
             check_finite(lm.model, "the model to evaluate")
             record["timing"]["quantize_s"] = round(time.time() - t0, 3)
             record.update(count_bits(lm.model, cfg.model.storage_dtype))
+            record["over_budget"] = record["bpw"] > q.bits + BUDGET_SLACK  # placed by its bpw in every table
             wb.log({"bpw": record["bpw"], "bpw_model": record["bpw_model"]})
             t0 = time.time()
             fault_point("eval")

@@ -11,7 +11,7 @@ codebook is one tensor (stored and counted once), a per-layer one is counted per
 Fitting a shared codebook needs every member's weights and importances before the first
 member is quantized. Weights are known up front; Hessians are not (the block loop builds them
 true-sequentially). We chose: before the block loop, run the *full-precision* model once over
-the calibration inputs and keep diag(XᵀX/n) of every linear (`second_order.fp_hessian_diags`,
+the calibration inputs and keep diag(XᵀX/n) of every linear (`second_order.fp_hessians`,
 a vector per linear, not the full Hessian); shared codebooks are fitted on those. Each member's importances
 are divided by their mean, so every layer weighs in per weight, not by its activation scale
 (no principled cross-layer weighting exists: each layer's proxy loss is in its own units).
@@ -33,6 +33,7 @@ from ttvq_methods.vq.layer import VQLinear
 
 
 class CodebookScope(Choice):
+    auto = "auto"  # resolved from the bits budget and the model's layer sizes (vq/budget.py)
     layer = "layer"  # one codebook per linear (the papers' setting for 4096-wide layers)
     block = "block"  # one per decoder block
     model = "model"  # one for the whole model
@@ -41,6 +42,8 @@ class CodebookScope(Choice):
 def scope_key(scope: str, full_name: str) -> str | None:
     """Which shared codebook a linear uses: None (its own), "model.layers.<b>" or "model"."""
     scope = CodebookScope(scope)
+    if scope == "auto":
+        raise ValueError("codebook scope 'auto' is resolved before layers are quantized")
     if scope == "layer":
         return None
     if scope == "model":

@@ -12,16 +12,18 @@ from ttvq_bench.record.versions import code_hash
 
 
 def calibration_ids(ccfg, tokenizer, cache) -> tuple[torch.Tensor, dict]:
-    text, source = load_text(ccfg.corpus, "calib")
+    text, source = load_text(ccfg.corpus, str(ccfg.split))
     bos = tokenizer.bos_id if ccfg.bos else None
     info = {"corpus": ccfg.corpus.name, "source": source, "text_sha": hash_bytes(text.encode()),
             "n": ccfg.n, "seqlen": ccfg.seqlen, "bos": ccfg.bos, "seed": ccfg.seed,
+            "sampler": str(ccfg.sampler), "split": str(ccfg.split), "stream_start": ccfg.stream_start,
             "tokenizer": tokenizer.fingerprint()}
     key = hash_obj({**{k: v for k, v in info.items() if k != "source"}, "code": code_hash((__name__,))})
     info["key"] = key
 
     def build(tmp):
-        ids = calib_windows(tokenizer.encode(text), ccfg.n, ccfg.seqlen, bos, ccfg.seed)
+        ids = calib_windows(tokenizer.encode(text), ccfg.n, ccfg.seqlen, bos, ccfg.seed, str(ccfg.sampler),
+                            ccfg.stream_start)
         torch.save(ids, tmp / "ids.pt")
 
     path = cache.get_or_create("calib", key, build)

@@ -17,7 +17,7 @@ from ttvq_bench.data.default_corpus import default_corpus_text
 from ttvq_bench.errors import DataError
 from ttvq_bench.registry import Registry
 
-SPLITS = ("eval", "calib")
+SPLITS = ("eval", "calib", "all")  # "all": the file as it is, for a token-stream sampler
 # kind -> fn(corpus config, split) -> (text, source description)
 CORPORA: Registry[Callable] = Registry("corpus kind", error=DataError)
 
@@ -26,7 +26,10 @@ def load_text(corpus, split: str) -> tuple[str, str]:
     """(text, source description) of `split` of a CorpusConfig-like object."""
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}")
-    text, source = CORPORA.get(corpus.kind)(corpus, split)
+    loader = CORPORA.get(corpus.kind)
+    if split == "all" and corpus.kind not in ("tinystories", "file"):
+        raise DataError(f"corpus kind {corpus.kind!r} has no whole-file text (calib.split=all needs tinystories or file)")
+    text, source = loader(corpus, split)
     if not text.strip():
         raise DataError(f"corpus {corpus.name!r} ({source}) has an empty {split} split")
     return text, source
@@ -70,6 +73,8 @@ def _default(corpus, split):
 def _documents_file(corpus, split):
     p = _need_file(corpus.path, f"corpus {corpus.name!r}")
     text = _read(p)
+    if split == "all":
+        return text, f"{p.name}:whole file"
     frac = corpus.calib_fraction
     return _split_documents(text, split, frac), f"{p.name}:{split}(calib=last {frac:.0%} of documents)"
 

@@ -7,6 +7,8 @@ takes one of the seqlen positions and is never itself predicted.
 """
 from __future__ import annotations
 
+import math
+import random
 from dataclasses import dataclass
 
 import torch
@@ -50,12 +52,26 @@ def ppl_windows(ids: list[int], seqlen: int, stride: int | None, bos_id: int | N
     return Windows(input_ids, score_from, n_scored)
 
 
-def calib_windows(ids: list[int], n: int, seqlen: int, bos_id: int | None, seed: int) -> torch.Tensor:
-    """n windows of seqlen tokens at seeded random offsets (GPTQ's calibration sampling)."""
+def calib_windows(ids: list[int], n: int, seqlen: int, bos_id: int | None, seed: int,
+                  sampler: str = "documents", stream_start: float = 0.0) -> torch.Tensor:
+    """n windows of seqlen tokens (BOS first when bos_id) at seeded random offsets.
+
+    sampler "documents": offsets from a torch generator over the whole calibration split.
+    sampler "stream": GPTQ's datautils convention, `random.Random(seed)` and, per window,
+    `randint(start, N - body)` with start = floor(stream_start * N), N the stream's length and
+    body the window's tokens after BOS: the reference protocol's calibration windows."""
     body = seqlen - (1 if bos_id is not None else 0)
-    if len(ids) <= body:
-        raise DataError(f"calibration split has {len(ids)} tokens, shorter than one window of {seqlen}")
-    g = torch.Generator().manual_seed(seed)
-    starts = torch.randint(0, len(ids) - body, (n,), generator=g).tolist()
-    rows = [([bos_id] if bos_id is not None else []) + ids[s : s + body] for s in starts]
+    prefix = [bos_id] if bos_id is not None else []
+    if sampler == "stream":
+        start = math.floor(stream_start * len(ids))
+        if len(ids) - body < start:
+            raise DataError(f"calibration stream has {len(ids)} tokens: no window of {seqlen} starts after {start}")
+        rng = random.Random(seed)
+        starts = [rng.randint(start, len(ids) - body) for _ in range(n)]
+    else:
+        if len(ids) <= body:
+            raise DataError(f"calibration split has {len(ids)} tokens, shorter than one window of {seqlen}")
+        g = torch.Generator().manual_seed(seed)
+        starts = torch.randint(0, len(ids) - body, (n,), generator=g).tolist()
+    rows = [prefix + ids[s : s + body] for s in starts]
     return torch.tensor(rows, dtype=torch.long)
