@@ -273,6 +273,7 @@ class TTVQ(Method):
 
 
 def _losses(res: dict, loss: str) -> dict:
+    """The stage's losses before and after, and per epoch (training curves for W&B)."""
     return {f"{loss}_before": res["train_before"], f"{loss}_after": res["train_after"],
             f"val_{loss}_before": res["val_before"], f"val_{loss}_after": res["val_after"],
-            **{k: res[k] for k in ("best_epoch", "steps", "seconds")}}
+            **{k: res[k] for k in ("best_epoch", "steps", "seconds", "history")}}

@@ -36,4 +36,5 @@ class IndexUpdates:
         moved = sum(int((q.int_codes()["codes0"] != c).sum()) for q, c in zip(self.layers, self.before))
         n_vec = sum(c.numel() for c in self.before)
         return {"index_updates": self.updates, "final_index_change": moved / max(n_vec, 1),
-                "mean_change_rate": sum(self.rates) / len(self.rates) if self.rates else 0.0}
+                "mean_change_rate": sum(self.rates) / len(self.rates) if self.rates else 0.0,
+                "change_rates": list(self.rates)}  # per update: a training curve
