@@ -102,6 +102,15 @@ class KLConfig:
 
 
 @dataclass
+class SpeedConfig:
+    """Kernel speed of the quantized layers and end-to-end greedy decoding against the FP
+    model (ttvq_kernels.speed; the FP model is loaded again after quantization for it)."""
+
+    enabled: bool = True
+    new_tokens: int = 16
+
+
+@dataclass
 class ZeroShotConfig:
     """Zero-shot accuracy through lm-evaluation-harness on the model in memory (no download)."""
 
@@ -123,6 +132,7 @@ class ZeroShotConfig:
 class EvalConfig:
     ppl: PPLConfig = field(default_factory=PPLConfig)
     kl: KLConfig = field(default_factory=KLConfig)
+    speed: SpeedConfig = field(default_factory=SpeedConfig)
     zeroshot: ZeroShotConfig = field(default_factory=ZeroShotConfig)
 
 

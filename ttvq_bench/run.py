@@ -72,7 +72,7 @@ def run_job(cfg: DictConfig, output_dir: str | Path) -> dict:
         wb = WandbRun(cfg.logger.wandb, OmegaConf.to_container(cfg, resolve=True, enum_to_str=True), output_dir,
                       record["sweep"], tags, name=f"{lm.name}-{q.method_name}-w{q.bits}")
         try:
-            evaluation = Evaluation(cfg, lm, cache)
+            evaluation = Evaluation(cfg, lm, cache, lambda: _fp_model(cfg, cache))
             evaluation.take_fp_reference()  # of the model as loaded, before it is quantized
             t0 = time.time()
             record["quantize"] = q.run(cfg, lm, cache, record, progress)
@@ -93,6 +93,12 @@ def run_job(cfg: DictConfig, output_dir: str | Path) -> dict:
             _finish(record, cfg, output_dir, wb, t_start)
     log.info("bpw %.4f (model %.4f)  ppl %s  [%s]", record["bpw"], record["bpw_model"], record["ppl"], run_id)
     return record
+
+
+def _fp_model(cfg, cache):
+    lm = load_model(cfg.model, cache, False)
+    round_to_storage(lm.model, cfg.model.storage_dtype)
+    return lm.model
 
 
 def _finish(record: dict, cfg, output_dir: Path, wb, t_start: float) -> None:

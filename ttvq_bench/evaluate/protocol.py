@@ -22,8 +22,9 @@ CONVENTION = "gptq: text tokenized once, windows of seqlen (BOS first if bos), m
 
 
 class Evaluation:
-    def __init__(self, cfg, lm, cache):
-        self.cfg, self.lm, self.cache = cfg, lm, cache
+    def __init__(self, cfg, lm, cache, load_reference=None):
+        """load_reference(): the full-precision model again (for kernel speed against it)."""
+        self.cfg, self.lm, self.cache, self.load_reference = cfg, lm, cache, load_reference
         p = cfg.eval.ppl
         bos = lm.tokenizer.bos_id if p.bos else None
         if p.bos and bos is None:
@@ -70,6 +71,15 @@ class Evaluation:
                 line += f"  KL {k['kl']:.4g}  top-1 {k['top1']:.4f}"
             wb.log({f"ppl/{name}": res["ppl"], **({f"kl/{name}": record["kl"][name]} if name in record["kl"] else {})})
             log.info(line)
+        if cfg.eval.speed.enabled and self.load_reference is not None:
+            from ttvq_kernels.speed import measure
+
+            bos = self.lm.tokenizer.bos_id
+            record["speed"] = measure(model, self.load_reference(), [bos if bos is not None else 0], cfg.eval.speed.new_tokens)
+            d = record["speed"]["decode"]
+            log.info("decode %.1f tokens/s, %.2fx the FP model (%s)", d["tokens_per_s"] or 0, d["speedup"] or 0,
+                     ", ".join(f"{k}: {n}" for k, n in d["kernels"].items()) or "no quantized layer")
+            wb.log({"speed/decode_speedup": d["speedup"]})
         if cfg.eval.zeroshot.tasks:
             from ttvq_bench.evaluate.zeroshot import evaluate_zeroshot
 
