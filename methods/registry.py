@@ -36,5 +36,5 @@ def import_method_modules() -> None:
 
 
 # Filled by the modules themselves; the base classes check what registers.
-METHODS: Registry[type[Method]] = Registry("method", Method, discover=import_method_modules)
+METHODS: Registry[type[Method]] = Registry("method", Method, discover=import_method_modules, name_attr="name")
 LAYERS: Registry[type[QuantizedLinear]] = Registry("quantized layer kind", QuantizedLinear, discover=import_method_modules)

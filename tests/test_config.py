@@ -86,3 +86,11 @@ def test_bits_a_method_cannot_do(compose):
     cls = METHODS.get("rtn")
     with pytest.raises(ConfigError, match="bits=16"):
         cls(cls.Config(), 16)
+
+
+def test_registered_methods_and_heads_know_their_names():
+    from ttvq_methods.heads import HEADS
+    from ttvq_methods.registry import METHODS
+
+    assert all(cls.name == n for reg in (METHODS, HEADS) for n, cls in reg.items())
+    assert METHODS.get("kmeans").name == "kmeans" and METHODS.get("vptq").name == "vptq"  # a subclass keeps its own

@@ -23,8 +23,11 @@ T = TypeVar("T")
 
 class Registry(Generic[T]):
     def __init__(self, what: str, base: type | None = None, *, error: type[TTVQError] = ConfigError,
-                 discover: Callable[[], None] | None = None):
+                 discover: Callable[[], None] | None = None, name_attr: str | None = None):
+        """name_attr: a class attribute that gets the name a class registers under (methods and
+        heads know their own name)."""
         self.what = what
+        self.name_attr = name_attr
         self.base = base
         self.error = error
         self._discover = discover
@@ -41,6 +44,8 @@ class Registry(Generic[T]):
             if old is not None and _origin(old) != _origin(o):  # a module imported again re-registers
                 raise RuntimeError(f"{self.what} {name!r} registered twice ({old!r} and {o!r})")
             self._items[name] = o
+            if self.name_attr and isinstance(o, type) and self.name_attr not in vars(o):
+                setattr(o, self.name_attr, name)
             return o
 
         return add if obj is None else add(obj)

@@ -36,4 +36,4 @@ def _discover() -> None:
     import_method_modules()
 
 
-HEADS: Registry[type[Head]] = Registry("head", Head, discover=_discover)
+HEADS: Registry[type[Head]] = Registry("head", Head, discover=_discover, name_attr="name")
