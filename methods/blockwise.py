@@ -78,6 +78,7 @@ def quantize_blockwise(model: nn.Module, calib_ids: torch.Tensor, method: Method
             _save_block(block, inputs.hidden, stats, resume_dir, b)
         bar.update(1)
         bar.set_postfix(block=b, s=f"{time.time() - t0:.1f}")
+        log.info("block %d/%d quantized in %.1f s", b + 1, len(layers), time.time() - t0)
     bar.close()
     method.finalize(model, calib_ids, teacher)
     return stats

@@ -20,7 +20,7 @@ from hydra_plugins.ttvq_launcher import FAIL_ENV, LocalLauncher
 log = logging.getLogger("ttvq")
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="config")
+@hydra.main(version_base="1.3", config_path="pkg://ttvq_conf", config_name="config")
 def _job(cfg: DictConfig):
     from ttvq_bench.run import run_job
 

@@ -156,11 +156,13 @@ class LoggerConfig:
 class Config:
     bits: int = 3  # every method maps this to its own parameters through one documented table
     seed: int = 0
-    # torch intra-op threads (None: torch's default, one per core). Small models on a shared
-    # machine run far faster on 1 thread: spin-waiting threads fight the other processes.
+    # torch intra-op threads. None: half the cores this process may use (at least 1): on a
+    # shared machine spin-waiting threads fight the other processes (the default job took
+    # 11.5 min on 2 busy cores with 2 threads).
     threads: Optional[int] = None
-    results_dir: str = "results"
-    cache_dir: str = ".cache/ttvq"
+    # Absolute per-user defaults, so a run from any directory finds its records and cache.
+    results_dir: str = "${oc.env:TTVQ_RESULTS,${oc.env:HOME}/ttvq/results}"
+    cache_dir: str = "${oc.env:XDG_CACHE_HOME,${oc.env:HOME}/.cache}/ttvq"
     cache: bool = True
     force: bool = False  # rerun even when an ok record with the same run_id exists
     save_checkpoint: bool = True

@@ -60,7 +60,7 @@ def available(models: list[str]) -> list[str]:
 
 def run_grid(models: list[str], workdir: Path, progress=print) -> dict[str, dict]:
     """Every point of the grid, in this process (calibration and Hessians shared by the cache)."""
-    from hydra import compose, initialize_config_dir
+    from hydra import compose, initialize_config_module
 
     from ttvq_bench.config import register_configs
     from ttvq_bench.run import run_job
@@ -68,7 +68,7 @@ def run_grid(models: list[str], workdir: Path, progress=print) -> dict[str, dict
     register_configs()
     data = ROOT.parent / "shared" / "data"
     out = {}
-    with initialize_config_dir(version_base="1.3", config_dir=str(ROOT / "conf")):
+    with initialize_config_module(version_base="1.3", config_module="ttvq_conf"):
         for model, method, bits in points(models):
             t0 = time.time()
             cfg = compose("config", overrides=[*MODELS[model], *METHODS[method], f"bits={min(bits, 8)}", *COMMON,

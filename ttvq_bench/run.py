@@ -37,6 +37,12 @@ from ttvq_methods.vq.budget import BUDGET_SLACK
 log = logging.getLogger("ttvq")
 
 
+def default_threads() -> int:
+    """Half the cores this process may use, at least 1 (config.py says why)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, cores // 2)
+
+
 def force_offline() -> None:
     """Nothing is ever downloaded, whatever the environment says."""
     for var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
@@ -51,14 +57,16 @@ def run_job(cfg: DictConfig, output_dir: str | Path) -> dict:
     check_writable({"results_dir": Path(cfg.results_dir), "output dir": output_dir,
                     **({"cache_dir": Path(cfg.cache_dir)} if cfg.cache else {})})
     torch.manual_seed(cfg.seed)
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
+    torch.set_num_threads(cfg.threads or default_threads())
     progress = cfg.logger.progress
     cache = Cache(cfg.cache_dir, enabled=cfg.cache)
     cache.clean_tmp()
     q = Quantization.resolve(cfg)  # the method (it rejects bits it cannot do), or a checkpoint's identity
 
+    t0 = time.time()
     lm = load_model(cfg.model, cache, progress)
+    log.info("model %s loaded (%d parameters, fingerprint %s) in %.1f s", lm.name,
+             sum(p.numel() for p in {id(p): p for p in lm.model.parameters()}.values()), lm.fingerprint, time.time() - t0)
     _check_context(cfg, lm, q)
     round_to_storage(lm.model, cfg.model.storage_dtype)
     run_id, defining = run_identity(cfg, lm, q)
@@ -75,9 +83,12 @@ def run_job(cfg: DictConfig, output_dir: str | Path) -> dict:
             evaluation = Evaluation(cfg, lm, cache, lambda: _fp_model(cfg, cache))
             evaluation.take_fp_reference()  # of the model as loaded, before it is quantized
             t0 = time.time()
+            log.info("quantizing: %s at %s bits", q.method_name, q.bits)
             record["quantize"] = q.run(cfg, lm, cache, record, progress)
             check_finite(lm.model, "the model to evaluate")
             record["timing"]["quantize_s"] = round(time.time() - t0, 3)
+            log.info("quantized (%s) in %.1f s: %.4f bpw", record["quantize"]["source"], time.time() - t0,
+                     count_bits(lm.model, cfg.model.storage_dtype)["bpw"])
             record.update(count_bits(lm.model, cfg.model.storage_dtype))
             record["over_budget"] = record["bpw"] > q.bits + BUDGET_SLACK  # placed by its bpw in every table
             wb.log({"bpw": record["bpw"], "bpw_model": record["bpw_model"]})
@@ -92,6 +103,8 @@ def run_job(cfg: DictConfig, output_dir: str | Path) -> dict:
         finally:
             _finish(record, cfg, output_dir, wb, t_start)
     log.info("bpw %.4f (model %.4f)  ppl %s  [%s]", record["bpw"], record["bpw_model"], record["ppl"], run_id)
+    log.info("done: run dir %s, checkpoint %s, record %s/runs.jsonl (run_id %s)", output_dir,
+             record["quantize"].get("checkpoint"), cfg.results_dir, run_id)
     return record
 
 

@@ -3,12 +3,16 @@ cached by content (tokenizer, text, n, seqlen, BOS, seed, and the sampler's code
 where the text lives."""
 from __future__ import annotations
 
+import logging
+
 import torch
 
 from ttvq_bench.data.corpora import load_text
 from ttvq_bench.data.windows import calib_windows
 from ttvq_bench.hashing import hash_bytes, hash_obj
 from ttvq_bench.record.versions import code_hash
+
+log = logging.getLogger("ttvq")
 
 
 def calibration_ids(ccfg, tokenizer, cache) -> tuple[torch.Tensor, dict]:
@@ -27,4 +31,6 @@ def calibration_ids(ccfg, tokenizer, cache) -> tuple[torch.Tensor, dict]:
         torch.save(ids, tmp / "ids.pt")
 
     path = cache.get_or_create("calib", key, build)
-    return torch.load(path / "ids.pt"), info
+    ids = torch.load(path / "ids.pt")
+    log.info("calibration: %d windows of %d tokens from %s (%s)", ids.shape[0], ids.shape[1], info["corpus"], source)
+    return ids, info

@@ -47,7 +47,8 @@ def _need_file(path, what: str) -> Path:
         raise DataError(f"{what}: no path given")
     p = Path(str(path)).expanduser()
     if not p.is_file():
-        raise DataError(f"{what}: file not found: {p}")
+        raise DataError(f"{what}: file not found: {p} (the public datasets are read under paths.data_root: "
+                        "set paths.data_root=DIR or the TTVQ_DATA variable)")
     return p
 
 

@@ -70,7 +70,7 @@ def load_llama2c(path, tokenizer_path, dtype: torch.dtype = torch.float32) -> Lo
 
     path = Path(path)
     if not path.is_file():
-        raise DataError(f"llama2.c checkpoint not found: {path}")
+        raise DataError(f"llama2.c checkpoint not found: {path} (model.path; the default is under paths.data_root: set paths.data_root=DIR or TTVQ_DATA)")
     tokenizer = SentencePieceTokenizer(tokenizer_path)  # DataError if missing
 
     p, shared, offset, version = _read_header(path)

@@ -18,6 +18,7 @@ CPU or stack, which is why the fingerprint hashes the loaded weights rather than
 from __future__ import annotations
 
 import json
+import logging
 import math
 import sys
 import time
@@ -31,6 +32,8 @@ from ttvq_bench.hashing import hash_bytes, hash_obj, hash_tensors
 from ttvq_bench.models.base import LoadedModel
 from ttvq_bench.models.tokenizers import HFTokenizer
 from ttvq_bench.record.cache import Cache
+
+log = logging.getLogger("ttvq")
 
 # Bump whenever the training code, data pipeline or saved layout changes: it is part of the
 # cache key, so old entries are simply not found any more.
@@ -78,6 +81,9 @@ def cache_key(cfg: TinyModelConfig) -> str:
 def load_tiny(cfg: TinyModelConfig, cache: Cache, progress: bool = True) -> LoadedModel:
     """Load the tiny Llama of `cfg` from `cache`, training it first when missing (~3 min)."""
     key = cache_key(cfg)
+    if cache.lookup(CACHE_KIND, key) is None:
+        log.info("training the tiny model (%d steps; a few minutes on 2 CPU cores, once): it is cached at %s",
+                 cfg.steps, cache.path(CACHE_KIND, key))
     path = cache.get_or_create(CACHE_KIND, key, lambda tmp: _build_entry(cfg, tmp, progress))
     return _load_entry(path)
 
