@@ -58,6 +58,10 @@ def _one_line(e: BaseException) -> str:
 
 
 def main() -> None:
+    if sys.argv[1:2] == ["export"]:  # `ttvq-bench export checkpoint=... out=...`
+        from ttvq_bench.export import main as export_main
+
+        return export_main(sys.argv[2:])
     register_configs()
     # Hydra finds launchers by scanning installed hydra_plugins packages; an editable install is
     # not scanned, so ours is registered by hand (Hydra's documented way).

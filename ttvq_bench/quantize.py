@@ -122,7 +122,8 @@ class Quantization:
         if cfg.save_checkpoint:
             extra = {"method": self.method_name, "bits": self.bits, "method_config": self.method_config,
                      "head": self.head_name, "head_config": self.head_config, "model": lm.name,
-                     "model_fingerprint": lm.fingerprint, "calib": calib_info,
+                     "model_fingerprint": lm.fingerprint, "calib": calib_info, "storage_dtype": str(cfg.model.storage_dtype),
+                     "model_config": _plain(cfg.model),  # how to load the base model (load_quantized)
                      "code_hash": code_hash(self.code_roots()), **report}
             with cache.writing("quantized", key) as tmp:
                 sha = save_module_state(lm.model, tmp / "model.safetensors", cfg.model.storage_dtype, extra=extra)
