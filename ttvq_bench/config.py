@@ -62,12 +62,14 @@ class CorpusConfig:
 
 class CalibSampler(Choice):
     documents = "documents"  # torch-seeded offsets into the calibration split (the harness's default)
-    stream = "stream"  # GPTQ's datautils: random.Random(seed).randint over one token stream
+    stream = "stream"  # random.Random(seed).randint(start, N - body): the stories260K reference's
+    gptq = "gptq"  # GPTQ's datautils: random.seed(seed); randint(0, N - seqlen - 1) per window
 
 
 class CalibSplit(Choice):
     calib = "calib"  # the corpus's calibration split (disjoint from its evaluation split)
     all = "all"  # the whole file as it is (the reference protocol's stream; see stream_start)
+    train = "train"  # WikiText-2's train split (GPTQ's calibration text)
 
 
 @dataclass
@@ -80,6 +82,7 @@ class CalibConfig:
     sampler: CalibSampler = CalibSampler.documents
     split: CalibSplit = CalibSplit.calib
     stream_start: float = 0.0  # stream sampler: windows start at or after this fraction of the tokens
+    bos_text: bool = False  # one BOS at the start of the tokenized text (what a HF tokenizer's encode gives)
 
 
 @dataclass
@@ -88,6 +91,7 @@ class PPLConfig:
     seqlen: int = 256
     stride: Optional[int] = None  # None: = seqlen (non-overlapping, GPTQ convention)
     bos: bool = True  # BOS at the start of every window (counts in seqlen)
+    bos_text: bool = False  # one BOS at the start of the tokenized text instead (GPTQ's llama_eval)
     max_windows: Optional[int] = None  # None: the whole split
     batch_size: int = 8
     extra: List[str] = field(default_factory=list)  # more corpora by kind name, default paths
@@ -239,6 +243,11 @@ def validate(cfg: DictConfig) -> None:
         from ttvq_bench.evaluate.zeroshot import check_config
 
         check_config(cfg)
+    for key in ("eval.ppl", "calib"):
+        if OmegaConf.select(cfg, f"{key}.bos") and OmegaConf.select(cfg, f"{key}.bos_text"):
+            raise ConfigError(f"{key}.bos and {key}.bos_text are both true: BOS per window or once at the text's start")
+    if not 0 <= cfg.calib.stream_start < 1:
+        raise ConfigError(f"calib.stream_start={cfg.calib.stream_start} must be in [0, 1)")
     for key in ("data.calib_fraction", "calib.corpus.calib_fraction"):
         v = OmegaConf.select(cfg, key)
         if not 0 < v < 1:

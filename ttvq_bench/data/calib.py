@@ -21,13 +21,14 @@ def calibration_ids(ccfg, tokenizer, cache) -> tuple[torch.Tensor, dict]:
     info = {"corpus": ccfg.corpus.name, "source": source, "text_sha": hash_bytes(text.encode()),
             "n": ccfg.n, "seqlen": ccfg.seqlen, "bos": ccfg.bos, "seed": ccfg.seed,
             "sampler": str(ccfg.sampler), "split": str(ccfg.split), "stream_start": ccfg.stream_start,
+            "bos_text": ccfg.bos_text,
             "tokenizer": tokenizer.fingerprint()}
     key = hash_obj({**{k: v for k, v in info.items() if k != "source"}, "code": code_hash((__name__,))})
     info["key"] = key
 
     def build(tmp):
-        ids = calib_windows(tokenizer.encode(text), ccfg.n, ccfg.seqlen, bos, ccfg.seed, str(ccfg.sampler),
-                            ccfg.stream_start)
+        stream = ([tokenizer.bos_id] if ccfg.bos_text else []) + tokenizer.encode(text)
+        ids = calib_windows(stream, ccfg.n, ccfg.seqlen, bos, ccfg.seed, str(ccfg.sampler), ccfg.stream_start)
         torch.save(ids, tmp / "ids.pt")
 
     path = cache.get_or_create("calib", key, build)

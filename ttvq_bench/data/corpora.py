@@ -17,7 +17,7 @@ from ttvq_bench.data.default_corpus import default_corpus_text
 from ttvq_bench.errors import DataError
 from ttvq_bench.registry import Registry
 
-SPLITS = ("eval", "calib", "all")  # "all": the file as it is, for a token-stream sampler
+SPLITS = ("eval", "calib", "all", "train")  # "all": the file as it is; "train": WikiText-2's train split (GPTQ's calibration)
 # kind -> fn(corpus config, split) -> (text, source description)
 CORPORA: Registry[Callable] = Registry("corpus kind", error=DataError)
 
@@ -29,6 +29,8 @@ def load_text(corpus, split: str) -> tuple[str, str]:
     loader = CORPORA.get(corpus.kind)
     if split == "all" and corpus.kind not in ("tinystories", "file"):
         raise DataError(f"corpus kind {corpus.kind!r} has no whole-file text (calib.split=all needs tinystories or file)")
+    if split == "train" and corpus.kind not in ("wikitext2", "wikitext2_raw"):
+        raise DataError(f"corpus kind {corpus.kind!r} has no train split here (calib.split=train needs wikitext2 or wikitext2_raw)")
     text, source = loader(corpus, split)
     if not text.strip():
         raise DataError(f"corpus {corpus.name!r} ({source}) has an empty {split} split")
@@ -92,27 +94,32 @@ def _hf_cached_dataset(*args, **kwargs):
         return None
 
 
+_WIKI_SPLITS = {"eval": "test", "calib": "valid", "train": "train"}  # our split -> WikiText-2's
+_HF_SPLITS = {"test": "test", "valid": "validation", "train": "train"}
+
+
 @CORPORA.register("wikitext2")
 def _wikitext2(corpus, split):
-    fname = "wiki.test.tokens" if split == "eval" else "wiki.valid.tokens"
+    fname = f"wiki.{_WIKI_SPLITS[split]}.tokens"
     if corpus.path and (Path(str(corpus.path)) / fname).is_file():
         p = Path(str(corpus.path)) / fname
         # HF rows are the file's lines (newline kept); GPTQ joins the rows with "\n\n".
         rows = _read(p).splitlines(keepends=True)
         return "\n\n".join(rows), f"{fname}(rows joined with \\n\\n)"
-    ds = _hf_cached_dataset("wikitext", "wikitext-2-v1", split="test" if split == "eval" else "validation")
+    hf_split = _HF_SPLITS[_WIKI_SPLITS[split]]
+    ds = _hf_cached_dataset("wikitext", "wikitext-2-v1", split=hf_split)
     if ds is None:
         raise DataError(f"wikitext2: {fname} not found under {corpus.path} and not in the HF datasets cache")
-    return "\n\n".join(ds["text"]), f"hf:wikitext-2-v1:{'test' if split == 'eval' else 'validation'}"
+    return "\n\n".join(ds["text"]), f"hf:wikitext-2-v1:{hf_split}"
 
 
 @CORPORA.register("wikitext2_raw")
 def _wikitext2_raw(corpus, split):
-    hf_split = "test" if split == "eval" else "validation"
+    hf_split = _HF_SPLITS[_WIKI_SPLITS[split]]
     ds = _hf_cached_dataset("wikitext", "wikitext-2-raw-v1", split=hf_split)
     if ds is not None:
         return "\n\n".join(ds["text"]), f"hf:wikitext-2-raw-v1:{hf_split}"
-    fname = "wiki.test.raw" if split == "eval" else "wiki.valid.raw"
+    fname = f"wiki.{_WIKI_SPLITS[split]}.raw"
     p = Path(str(corpus.path or "")) / fname
     if not p.is_file():
         raise DataError(f"wikitext2_raw: not in the HF datasets cache and {p} not found")

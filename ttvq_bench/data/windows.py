@@ -57,17 +57,20 @@ def calib_windows(ids: list[int], n: int, seqlen: int, bos_id: int | None, seed:
     """n windows of seqlen tokens (BOS first when bos_id) at seeded random offsets.
 
     sampler "documents": offsets from a torch generator over the whole calibration split.
-    sampler "stream": GPTQ's datautils convention, `random.Random(seed)` and, per window,
-    `randint(start, N - body)` with start = floor(stream_start * N), N the stream's length and
-    body the window's tokens after BOS: the reference protocol's calibration windows."""
+    sampler "stream": `random.Random(seed)` and, per window, `randint(start, N - body)` with
+    start = floor(stream_start * N), N the stream's length and body the window's tokens after
+    BOS: the stories260K reference protocol's calibration windows.
+    sampler "gptq": GPTQ's datautils, `randint(0, N - body - 1)` per window from the same seeded
+    generator (its `random.seed(seed)`)."""
     body = seqlen - (1 if bos_id is not None else 0)
     prefix = [bos_id] if bos_id is not None else []
-    if sampler == "stream":
-        start = math.floor(stream_start * len(ids))
-        if len(ids) - body < start:
+    if sampler in ("stream", "gptq"):
+        start = math.floor(stream_start * len(ids)) if sampler == "stream" else 0
+        last = len(ids) - body - (1 if sampler == "gptq" else 0)
+        if last < start:
             raise DataError(f"calibration stream has {len(ids)} tokens: no window of {seqlen} starts after {start}")
         rng = random.Random(seed)
-        starts = [rng.randint(start, len(ids) - body) for _ in range(n)]
+        starts = [rng.randint(start, last) for _ in range(n)]
     else:
         if len(ids) <= body:
             raise DataError(f"calibration split has {len(ids)} tokens, shorter than one window of {seqlen}")

@@ -27,13 +27,14 @@ class Evaluation:
         self.cfg, self.lm, self.cache, self.load_reference = cfg, lm, cache, load_reference
         p = cfg.eval.ppl
         bos = lm.tokenizer.bos_id if p.bos else None
-        if p.bos and bos is None:
-            raise ConfigError("eval.ppl.bos=true but the tokenizer has no BOS token")
+        if (p.bos or p.bos_text) and lm.tokenizer.bos_id is None:
+            raise ConfigError("eval.ppl.bos (or bos_text) is true but the tokenizer has no BOS token")
+        head = [lm.tokenizer.bos_id] if p.bos_text else []  # GPTQ's llama_eval: BOS once, at the text's start
         self.corpora = {}
         for corpus in eval_corpora(cfg):
             text, source = load_text(corpus, "eval")
-            self.corpora[corpus.name] = (ppl_windows(lm.tokenizer.encode(text), p.seqlen, p.stride, bos, p.max_windows),
-                                         source)
+            self.corpora[corpus.name] = (ppl_windows(head + lm.tokenizer.encode(text), p.seqlen, p.stride, bos,
+                                                     p.max_windows), source)
 
     def _reference(self, name: str) -> dict:
         windows = self.corpora[name][0]
@@ -59,7 +60,8 @@ class Evaluation:
             p = cfg.eval.ppl
             record["ppl"][name] = res["ppl"]
             record["protocol"][name] = {
-                "seqlen": p.seqlen, "stride": p.stride or p.seqlen, "bos": p.bos, "n_tokens": res["n_tokens"],
+                "seqlen": p.seqlen, "stride": p.stride or p.seqlen, "bos": p.bos, "bos_text": p.bos_text,
+                "n_tokens": res["n_tokens"],
                 "n_windows": res["n_windows"], "max_windows": p.max_windows, "split": "eval", "source": source,
                 "convention": CONVENTION}
             line = f"ppl[{name}] = {res['ppl']:.4f}  ({res['n_tokens']} tokens)"
