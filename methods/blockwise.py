@@ -30,7 +30,7 @@ from ttvq_methods.base import BlockContext, Method
 from ttvq_methods.checkpoint import load_module_state, save_module_state
 from ttvq_methods.layers import QuantizedLinear
 from ttvq_methods.model_walk import (BlockInputs, block_name, capture_inputs, decoder_layers, layer_name,
-                                     linear_groups, linears, run_block, set_module)
+                                     linear_groups, linears, on_device, run_block, set_module)
 from ttvq_methods.second_order import cached_hessians
 from ttvq_methods.teacher import Teacher
 
@@ -38,11 +38,14 @@ log = logging.getLogger(__name__)
 
 
 def quantize_blockwise(model: nn.Module, calib_ids: torch.Tensor, method: Method, *, batch_size: int = 8,
-                       resume_dir: Path | None = None, cache=None, progress: bool = True) -> dict:
+                       resume_dir: Path | None = None, cache=None, progress: bool = True,
+                       device: torch.device | None = None) -> dict:
     """Quantize every decoder block of `model` in place, then run the method's end-to-end
-    stage; returns per-layer stats."""
+    stage; returns per-layer stats. The model stays where it is (host memory); with `device`
+    each block moves there while it is quantized, with its activations in batches: device
+    memory is one block, one batch of activations and the method's state for that block."""
     layers = decoder_layers(model)
-    inputs = capture_inputs(model, calib_ids, batch_size)
+    inputs = capture_inputs(model, calib_ids, batch_size, device)
     request = method.teacher_request()
     teacher = Teacher(model, inputs, request) if request is not None else None
     method.prepare(model, inputs, teacher)
@@ -54,34 +57,41 @@ def quantize_blockwise(model: nn.Module, calib_ids: torch.Tensor, method: Method
     bar = tqdm(range(len(layers)), desc=f"quantize[{method.name}]", disable=not progress, initial=start)
     for b in range(start, len(layers)):
         fault_point(f"block{b}")
-        block = layers[b]
         t0 = time.time()
-        targets = run_block(block, inputs) if method.needs_block_targets else None
-        fp_weights = {n: lin.weight for n, lin in linears(block).items()}  # the originals stay untouched
-        inputs_hash = hash_tensors([("x", inputs.hidden)]) if method.needs_hessian and cache is not None else ""
-        for group in linear_groups(block, method.true_sequential):
-            H = cached_hessians(block, group, inputs, cache, inputs_hash) if method.needs_hessian else {}
-            for name in group:
-                lin = linears(block)[name]
-                full = layer_name(b, name)
-                q = method.quantize_layer(full, lin, H.get(name))
-                if q is None:
-                    continue
-                stats["layers"][full] = _check_layer(full, lin, q)
-                set_module(block, name, q)
-        method.finetune_block(BlockContext(index=b, name=block_name(b), block=block, model=model, inputs=inputs,
-                                           targets=targets, fp_weights=fp_weights, teacher=teacher))
-        inputs.hidden = run_block(block, inputs)
-        if not torch.isfinite(inputs.hidden).all():
-            raise QuantizationError(f"block {b}: outputs have NaN/Inf after quantization")
+        with on_device(layers[b], device) as block:
+            _quantize_block(b, block, model, method, inputs, teacher, stats, cache)
         if resume_dir is not None:
-            _save_block(block, inputs.hidden, stats, resume_dir, b)
+            _save_block(layers[b], inputs.hidden, stats, resume_dir, b)
         bar.update(1)
         bar.set_postfix(block=b, s=f"{time.time() - t0:.1f}")
         log.info("block %d/%d quantized in %.1f s", b + 1, len(layers), time.time() - t0)
     bar.close()
     method.finalize(model, calib_ids, teacher)
     return stats
+
+
+def _quantize_block(b: int, block: nn.Module, model: nn.Module, method: Method, inputs: BlockInputs, teacher,
+                    stats: dict, cache) -> None:
+    """Quantize block b's linears group by group, run the method's block stage, and advance
+    `inputs` to the next block's."""
+    targets = run_block(block, inputs) if method.needs_block_targets else None
+    fp_weights = {n: lin.weight for n, lin in linears(block).items()}  # the originals stay untouched
+    inputs_hash = hash_tensors([("x", inputs.hidden)]) if method.needs_hessian and cache is not None else ""
+    for group in linear_groups(block, method.true_sequential):
+        H = cached_hessians(block, group, inputs, cache, inputs_hash) if method.needs_hessian else {}
+        for name in group:
+            lin = linears(block)[name]
+            full = layer_name(b, name)
+            q = method.quantize_layer(full, lin, H.get(name))
+            if q is None:
+                continue
+            stats["layers"][full] = _check_layer(full, lin, q)
+            set_module(block, name, q)
+    method.finetune_block(BlockContext(index=b, name=block_name(b), block=block, model=model, inputs=inputs,
+                                       targets=targets, fp_weights=fp_weights, teacher=teacher))
+    inputs.hidden = run_block(block, inputs)
+    if not torch.isfinite(inputs.hidden).all():
+        raise QuantizationError(f"block {b}: outputs have NaN/Inf after quantization")
 
 
 @torch.no_grad()

@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ttvq_methods.model_walk import block_kwargs, block_output
+from ttvq_methods.model_walk import block_kwargs, block_output, module_device, to_device
 
 log = logging.getLogger(__name__)
 
@@ -189,6 +189,12 @@ def _default_state(module: nn.Module, params: list[nn.Parameter]) -> Callable[[]
     return state
 
 
+def _run(block: nn.Module, h: torch.Tensor, kwargs_by_bs: dict) -> torch.Tensor:
+    """The block on a batch of host activations, where the block is."""
+    dev = module_device(block)
+    return block_output(block(h.to(dev), **to_device(block_kwargs(kwargs_by_bs, len(h)), dev)))
+
+
 # -- block-wise -------------------------------------------------------------------------------------
 @torch.no_grad()
 def block_mse(block: nn.Module, hidden: torch.Tensor, targets: torch.Tensor, kwargs_by_bs: dict,
@@ -200,8 +206,8 @@ def block_mse(block: nn.Module, hidden: torch.Tensor, targets: torch.Tensor, kwa
     tot, n = 0.0, 0
     for s in range(0, idx.numel(), batch_size):
         b = idx[s : s + batch_size]
-        y = block_output(block(hidden[b], **block_kwargs(kwargs_by_bs, len(b))))
-        tot += float(((y.float() - targets[b].float()) ** 2).sum())
+        y = _run(block, hidden[b], kwargs_by_bs)
+        tot += float(((y.float() - targets[b].to(y.device).float()) ** 2).sum())
         n += y.numel()
     return tot / n
 
@@ -219,8 +225,8 @@ def distill_block(block: nn.Module, hidden: torch.Tensor, targets: torch.Tensor,
 
     def step_loss(sel):
         b = tr_idx[sel]
-        y = block_output(block(hidden[b], **block_kwargs(kwargs_by_bs, len(b))))
-        return F.mse_loss(y.float(), targets[b].float())
+        y = _run(block, hidden[b], kwargs_by_bs)
+        return F.mse_loss(y.float(), targets[b].to(y.device).float())
 
     def eval_loss():
         block.eval()

@@ -5,6 +5,8 @@ The rest of the package walks models only through these functions.
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from torch import nn
 
@@ -68,6 +70,37 @@ def set_module(root: nn.Module, name: str, new: nn.Module) -> None:
     setattr(root.get_submodule(parent) if parent else root, child, new)
 
 
+def module_device(module: nn.Module) -> torch.device:
+    t = next(module.parameters(), None)
+    t = next(module.buffers(), None) if t is None else t
+    return torch.device("cpu") if t is None else t.device
+
+
+@contextlib.contextmanager
+def on_device(module: nn.Module, device: torch.device | None):
+    """`module` on `device` for the duration (None: where it is), then back where it was."""
+    home = module_device(module)
+    if device is None or torch.device(device) == home:
+        yield module
+        return
+    module.to(device)
+    try:
+        yield module
+    finally:
+        module.to(home)
+
+
+def to_device(obj, device: torch.device):
+    """Tensors (also inside tuples and dicts) on `device`; everything else as it is."""
+    if torch.is_tensor(obj):
+        return obj.to(device)
+    if isinstance(obj, tuple):
+        return tuple(to_device(o, device) for o in obj)
+    if isinstance(obj, dict):
+        return {k: to_device(v, device) for k, v in obj.items()}
+    return obj
+
+
 def unique_param_count(model: nn.Module) -> int:
     """Parameters of `model`, tied tensors once."""
     return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
@@ -114,9 +147,18 @@ class _StopForward(Exception):
 
 
 @torch.no_grad()
-def capture_inputs(model: nn.Module, ids: torch.Tensor, batch_size: int) -> BlockInputs:
-    """The hidden states entering the first decoder block for windows `ids` (n, seqlen)."""
+def capture_inputs(model: nn.Module, ids: torch.Tensor, batch_size: int, device: torch.device | None = None) -> BlockInputs:
+    """The hidden states entering the first decoder block for windows `ids` (n, seqlen), kept in
+    host memory; with `device`, the modules before the blocks (embeddings, rotary) run there."""
     layer0 = decoder_layers(model)[0]
+    outer = [m for n, m in model.model.named_children() if n != "layers"]
+    with contextlib.ExitStack() as stack:
+        for m in outer:
+            stack.enter_context(on_device(m, device))
+        return _capture(model, layer0, ids, batch_size, device)
+
+
+def _capture(model, layer0, ids, batch_size, device) -> BlockInputs:
     hidden, kw_by_bs = [], {}
 
     def hook(_mod, args, kwargs):
@@ -128,7 +170,8 @@ def capture_inputs(model: nn.Module, ids: torch.Tensor, batch_size: int) -> Bloc
     try:
         for i in range(0, len(ids), batch_size):
             try:
-                model(input_ids=ids[i : i + batch_size], use_cache=False)
+                batch = ids[i : i + batch_size]
+                model(input_ids=batch if device is None else batch.to(device), use_cache=False)
             except _StopForward:
                 pass
     finally:
@@ -143,7 +186,9 @@ def block_output(y):
 
 @torch.no_grad()
 def run_block(block: nn.Module, inputs: BlockInputs) -> torch.Tensor:
+    """The block's outputs on `inputs`, computed where the block is, kept where the inputs are."""
+    dev = module_device(block)
     out = torch.empty_like(inputs.hidden)
     for i, h, kw in inputs.batches():
-        out[i : i + len(h)] = block_output(block(h, **kw))
+        out[i : i + len(h)] = block_output(block(h.to(dev), **to_device(kw, dev))).to(out.device)
     return out

@@ -94,3 +94,21 @@ def test_registered_methods_and_heads_know_their_names():
 
     assert all(cls.name == n for reg in (METHODS, HEADS) for n, cls in reg.items())
     assert METHODS.get("kmeans").name == "kmeans" and METHODS.get("vptq").name == "vptq"  # a subclass keeps its own
+
+
+def test_device_and_compute_dtype(tiny_cfg, tmp_path):
+    import torch
+
+    from ttvq_bench.device import resolve_device, resolve_dtype
+    from ttvq_bench.run import run_job
+
+    assert resolve_device("cpu") == torch.device("cpu") and resolve_dtype("auto", torch.device("cpu")) == "float32"
+    assert resolve_dtype("bfloat16", torch.device("cpu")) == "bfloat16"
+    for bad, needle in (("gpu", "not auto, cpu"), ("cuda:7", "no such CUDA device")):
+        if needle.startswith("no such") and torch.cuda.device_count() > 7:
+            continue
+        with pytest.raises(ConfigError, match=needle):
+            run_job(tiny_cfg("method=rtn", f"device={bad}"), tmp_path / bad.replace(":", "_"))
+    rec = run_job(tiny_cfg("method=rtn", "bits=4", "device=cpu"), tmp_path / "cpu")
+    assert rec["device"]["compute"] == "cpu" and rec["device"]["dtype"] == "float32"
+    assert rec["config"]["model"]["dtype"] == "float32"  # auto, recorded as what ran

@@ -17,7 +17,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
 from ttvq_bench.choices import Choice
-from ttvq_bench.dtypes import DType
+from ttvq_bench.dtypes import ComputeDType, DType
 from ttvq_bench.errors import ConfigError
 from ttvq_bench.models.tiny import TinyModelConfig
 
@@ -40,7 +40,7 @@ class ModelConfig:
     name: Optional[str] = None  # name in records; default: derived from the checkpoint
     path: Optional[str] = None  # llama2c: the .bin file; hf: a local dir (or a repo id in the HF cache)
     tokenizer: Optional[str] = None  # llama2c: the SentencePiece .model file
-    dtype: DType = DType.float32  # compute dtype
+    dtype: ComputeDType = ComputeDType.auto  # compute dtype (auto: see ttvq_bench/device.py)
     # Parameters that no method quantizes (embeddings, norms, head) are stored, counted and
     # evaluated at this precision, so the fp16 baseline is exactly what its checkpoint holds.
     storage_dtype: DType = DType.float16
@@ -164,6 +164,7 @@ class Config:
     # shared machine spin-waiting threads fight the other processes (the default job took
     # 11.5 min on 2 busy cores with 2 threads).
     threads: Optional[int] = None
+    device: str = "auto"  # auto | cpu | cuda | cuda:N (ttvq_bench/device.py)
     # Absolute per-user defaults, so a run from any directory finds its records and cache.
     results_dir: str = "${oc.env:TTVQ_RESULTS,${oc.env:HOME}/ttvq/results}"
     cache_dir: str = "${oc.env:XDG_CACHE_HOME,${oc.env:HOME}/.cache}/ttvq"

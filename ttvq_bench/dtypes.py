@@ -12,4 +12,11 @@ class DType(Choice):
     float16 = "float16"
 
 
-TORCH_DTYPES = {DType.float32: torch.float32, DType.bfloat16: torch.bfloat16, DType.float16: torch.float16}
+class ComputeDType(Choice):
+    auto = "auto"  # bf16 on a GPU that has it, else fp16 there; fp32 on a CPU (ttvq_bench/device.py)
+    float32 = "float32"
+    bfloat16 = "bfloat16"
+    float16 = "float16"
+
+
+TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}

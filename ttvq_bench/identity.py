@@ -16,7 +16,8 @@ from ttvq_bench.hashing import hash_bytes, hash_file, hash_obj
 from ttvq_bench.record.versions import code_hash
 
 # Keys that do not change a result (where it is written, how it is logged, whether cached).
-NON_DEFINING = ("logger", "results_dir", "cache_dir", "cache", "force", "save_checkpoint", "sweep", "paths", "threads")
+NON_DEFINING = ("logger", "results_dir", "cache_dir", "cache", "force", "save_checkpoint", "sweep", "paths", "threads",
+                "device")  # where a job computes is recorded (record.device); the compute dtype is model.dtype
 # Keys that name where content lives; the content itself enters the identity instead.
 PATH_KEYS = ("model.path", "model.tokenizer", "data.path", "data.calib_path", "calib.corpus.path",
              "calib.corpus.calib_path", "eval.zeroshot.task_data", "eval.zeroshot.include_path", "checkpoint")

@@ -82,7 +82,7 @@ class Quantization:
                          "storage": cfg.model.storage_dtype, "code": code_hash(self.code_roots())})
 
     # -- doing it ---------------------------------------------------------------------------------
-    def run(self, cfg, lm, cache, record: dict, progress: bool) -> dict:
+    def run(self, cfg, lm, cache, record: dict, progress: bool, device=None) -> dict:
         """Quantize lm.model in place (or load the weights); returns the record's `quantize`."""
         if self.checkpoint:
             ex = self.checkpoint_meta["extra"]
@@ -106,14 +106,15 @@ class Quantization:
                 path = entry / "model.safetensors"
                 load_module_state(lm.model, path)
                 return {"source": "cache", "checkpoint": str(path), **_quantization_report(read_meta(path))}
-            return self._quantize(cfg, lm, cache, calib, calib_info, key, progress)
+            return self._quantize(cfg, lm, cache, calib, calib_info, key, progress, device)
 
-    def _quantize(self, cfg, lm, cache, calib, calib_info, key, progress) -> dict:
+    def _quantize(self, cfg, lm, cache, calib, calib_info, key, progress, device) -> dict:
         resume = cache.root / "work" / key  # per-block progress of this exact quantization
         stats = {"layers": {}, "resumed_blocks": 0}
         if self.method.needs_calibration:
             stats = quantize_blockwise(lm.model, calib, self.method, batch_size=cfg.eval.ppl.batch_size,
-                                       resume_dir=resume if cache.enabled else None, cache=cache, progress=progress)
+                                       resume_dir=resume if cache.enabled else None, cache=cache, progress=progress,
+                                       device=device)
         head_report = self.head.apply(lm.model, calib)
         round_to_storage(lm.model, cfg.model.storage_dtype)
         check_finite(lm.model, "the quantized model")

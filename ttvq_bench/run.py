@@ -18,6 +18,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from ttvq_bench.config import validate
+from ttvq_bench.device import resolve_device, resolve_dtype
 from ttvq_bench.errors import ConfigError
 from ttvq_bench.faults import fault_point
 from ttvq_bench.evaluate.protocol import Evaluation
@@ -58,6 +59,8 @@ def run_job(cfg: DictConfig, output_dir: str | Path) -> dict:
                     **({"cache_dir": Path(cfg.cache_dir)} if cfg.cache else {})})
     torch.manual_seed(cfg.seed)
     torch.set_num_threads(cfg.threads or default_threads())
+    device = resolve_device(cfg.device)
+    cfg.model.dtype = resolve_dtype(cfg.model.dtype, device)  # recorded as what ran
     progress = cfg.logger.progress
     cache = Cache(cfg.cache_dir, enabled=cfg.cache)
     cache.clean_tmp()
@@ -80,11 +83,11 @@ def run_job(cfg: DictConfig, output_dir: str | Path) -> dict:
         wb = WandbRun(cfg.logger.wandb, OmegaConf.to_container(cfg, resolve=True, enum_to_str=True), output_dir,
                       record["sweep"], tags, name=f"{lm.name}-{q.method_name}-w{q.bits}")
         try:
-            evaluation = Evaluation(cfg, lm, cache, lambda: _fp_model(cfg, cache))
+            evaluation = Evaluation(cfg, lm, cache, lambda: _fp_model(cfg, cache), device)
             evaluation.take_fp_reference()  # of the model as loaded, before it is quantized
             t0 = time.time()
             log.info("quantizing: %s at %s bits", q.method_name, q.bits)
-            record["quantize"] = q.run(cfg, lm, cache, record, progress)
+            record["quantize"] = q.run(cfg, lm, cache, record, progress, device)
             check_finite(lm.model, "the model to evaluate")
             record["timing"]["quantize_s"] = round(time.time() - t0, 3)
             log.info("quantized (%s) in %.1f s: %.4f bpw", record["quantize"]["source"], time.time() - t0,
@@ -151,6 +154,7 @@ def _base_record(cfg, lm, q: Quantization, run_id: str, defining: dict) -> dict:
         "model_info": {k: v for k, v in lm.info.items() if k != "train_log"}, "model_fingerprint": lm.fingerprint,
         "head": q.head_name, "bpw": None, "bpw_model": None, "ppl": {}, "kl": {}, "top1": {}, "zeroshot": {}, "speed": {},
         "protocol": {}, "calib": None, "timing": {}, "peak_rss_mb": None, "versions": versions(),
-        "device": device_info(), "seed": cfg.seed, "sweep": sweep, "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "device": {**device_info(), "compute": str(resolve_device(cfg.device)), "dtype": str(cfg.model.dtype)},
+        "seed": cfg.seed, "sweep": sweep, "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
         "config": defining,
     }

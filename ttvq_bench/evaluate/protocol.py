@@ -16,15 +16,17 @@ from ttvq_bench.evaluate.perplexity import perplexity
 from ttvq_bench.hashing import hash_tensors
 from ttvq_bench.identity import eval_corpora
 from ttvq_bench.record.versions import code_hash
+from ttvq_methods.model_walk import module_device, on_device
 
 log = logging.getLogger("ttvq")
 CONVENTION = "gptq: text tokenized once, windows of seqlen (BOS first if bos), mean NLL of all predicted tokens"
 
 
 class Evaluation:
-    def __init__(self, cfg, lm, cache, load_reference=None):
-        """load_reference(): the full-precision model again (for kernel speed against it)."""
-        self.cfg, self.lm, self.cache, self.load_reference = cfg, lm, cache, load_reference
+    def __init__(self, cfg, lm, cache, load_reference=None, device=None):
+        """load_reference(): the full-precision model again (for kernel speed against it).
+        device: where the model evaluates (it returns to host memory after)."""
+        self.cfg, self.lm, self.cache, self.load_reference, self.device = cfg, lm, cache, load_reference, device
         p = cfg.eval.ppl
         bos = lm.tokenizer.bos_id if p.bos else None
         if (p.bos or p.bos_text) and lm.tokenizer.bos_id is None:
@@ -48,10 +50,15 @@ class Evaluation:
     def take_fp_reference(self) -> None:
         """Compute (or find cached) the FP log-probabilities: call before quantizing."""
         if self.cfg.eval.kl.enabled:
-            for name in self.corpora:
-                self._reference(name)
+            with on_device(self.lm.model, self.device):
+                for name in self.corpora:
+                    self._reference(name)
 
     def run(self, record: dict, wb, progress: bool) -> None:
+        with on_device(self.lm.model, self.device):
+            self._run(record, wb, progress)
+
+    def _run(self, record: dict, wb, progress: bool) -> None:
         cfg, model, bs = self.cfg, self.lm.model, self.cfg.eval.ppl.batch_size
         for name, (windows, source) in self.corpora.items():
             res = perplexity(model, windows, bs, progress, desc=f"ppl[{name}]")
@@ -77,7 +84,8 @@ class Evaluation:
             from ttvq_kernels.speed import measure
 
             bos = self.lm.tokenizer.bos_id
-            record["speed"] = measure(model, self.load_reference(), [bos if bos is not None else 0], cfg.eval.speed.new_tokens)
+            reference = self.load_reference().to(module_device(model))
+            record["speed"] = measure(model, reference, [bos if bos is not None else 0], cfg.eval.speed.new_tokens)
             d = record["speed"]["decode"]
             log.info("decode %.1f tokens/s, %.2fx the FP model (%s)", d["tokens_per_s"] or 0, d["speedup"] or 0,
                      ", ".join(f"{k}: {n}" for k, n in d["kernels"].items()) or "no quantized layer")

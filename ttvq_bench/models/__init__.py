@@ -11,6 +11,13 @@ from ttvq_bench.registry import Registry
 LOADERS: Registry = Registry("model kind")
 
 
+def _dtype(mcfg) -> torch.dtype:
+    """The compute dtype (auto: as on a CPU; run_job resolves it for its device first)."""
+    from ttvq_bench.device import resolve_dtype
+
+    return TORCH_DTYPES[resolve_dtype(mcfg.dtype, torch.device("cpu"))]
+
+
 @LOADERS.register("tiny")
 def _tiny(mcfg, cache, progress):
     from omegaconf import OmegaConf
@@ -24,14 +31,14 @@ def _tiny(mcfg, cache, progress):
 def _llama2c(mcfg, cache, progress):
     from ttvq_bench.models.llama2c import load_llama2c
 
-    return load_llama2c(mcfg.path, mcfg.tokenizer, dtype=TORCH_DTYPES[mcfg.dtype])
+    return load_llama2c(mcfg.path, mcfg.tokenizer, dtype=_dtype(mcfg))
 
 
 @LOADERS.register("hf")
 def _hf(mcfg, cache, progress):
     from ttvq_bench.models.hf import load_hf
 
-    return load_hf(mcfg.path, dtype=TORCH_DTYPES[mcfg.dtype], trust_remote_code=mcfg.trust_remote_code)
+    return load_hf(mcfg.path, dtype=_dtype(mcfg), trust_remote_code=mcfg.trust_remote_code)
 
 
 def load_model(mcfg, cache, progress: bool = True) -> LoadedModel:
@@ -40,7 +47,7 @@ def load_model(mcfg, cache, progress: bool = True) -> LoadedModel:
         if p.is_floating_point() and not torch.isfinite(p).all():
             raise DataError(f"model {lm.name}: parameter {name} holds NaN/Inf; the weights are damaged")
     # Frozen by default; methods that train switch on exactly what they train.
-    lm.model.to(TORCH_DTYPES[mcfg.dtype]).eval().requires_grad_(False)
+    lm.model.to(_dtype(mcfg)).eval().requires_grad_(False)
     if mcfg.name:
         lm.name = mcfg.name
     return lm
