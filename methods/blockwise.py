@@ -49,7 +49,7 @@ def quantize_blockwise(model: nn.Module, calib_ids: torch.Tensor, method: Method
     request = method.teacher_request()
     teacher = Teacher(model, inputs, request) if request is not None else None
     method.prepare(model, inputs, teacher)
-    stats: dict = {"layers": {}, "resumed_blocks": 0}
+    stats: dict = {"layers": {}, "blocks": {}, "resumed_blocks": 0}
     start = 0
     if resume_dir is not None:
         resume_dir.mkdir(parents=True, exist_ok=True)
@@ -73,25 +73,59 @@ def quantize_blockwise(model: nn.Module, calib_ids: torch.Tensor, method: Method
 def _quantize_block(b: int, block: nn.Module, model: nn.Module, method: Method, inputs: BlockInputs, teacher,
                     stats: dict, cache) -> None:
     """Quantize block b's linears group by group, run the method's block stage, and advance
-    `inputs` to the next block's."""
-    targets = run_block(block, inputs) if method.needs_block_targets else None
+    `inputs` to the next block's. The seconds each stage took go to stats["blocks"][b]."""
+    clock = _Clock()
+    with clock("targets_s"):
+        targets = run_block(block, inputs) if method.needs_block_targets else None
     fp_weights = {n: lin.weight for n, lin in linears(block).items()}  # the originals stay untouched
     inputs_hash = hash_tensors([("x", inputs.hidden)]) if method.needs_hessian and cache is not None else ""
     for group in linear_groups(block, method.true_sequential):
-        H = cached_hessians(block, group, inputs, cache, inputs_hash) if method.needs_hessian else {}
+        with clock("hessian_s"):
+            H = cached_hessians(block, group, inputs, cache, inputs_hash) if method.needs_hessian else {}
         for name in group:
             lin = linears(block)[name]
             full = layer_name(b, name)
-            q = method.quantize_layer(full, lin, H.get(name))
+            with clock("quantize_s"):
+                q = method.quantize_layer(full, lin, H.get(name))
             if q is None:
                 continue
             stats["layers"][full] = _check_layer(full, lin, q)
             set_module(block, name, q)
-    method.finetune_block(BlockContext(index=b, name=block_name(b), block=block, model=model, inputs=inputs,
-                                       targets=targets, fp_weights=fp_weights, teacher=teacher))
-    inputs.hidden = run_block(block, inputs)
+    with clock("finetune_s"):
+        method.finetune_block(BlockContext(index=b, name=block_name(b), block=block, model=model, inputs=inputs,
+                                           targets=targets, fp_weights=fp_weights, teacher=teacher))
+    with clock("forward_s"):
+        inputs.hidden = run_block(block, inputs)
     if not torch.isfinite(inputs.hidden).all():
         raise QuantizationError(f"block {b}: outputs have NaN/Inf after quantization")
+    stats.setdefault("blocks", {})[str(b)] = clock.seconds
+
+
+class _Clock:
+    """Wall seconds per stage, summed over repeated entries (synchronised on a GPU so the time
+    lands on the stage that spent it)."""
+
+    def __init__(self):
+        self.seconds: dict[str, float] = {}
+
+    def __call__(self, stage: str):
+        clock = self
+
+        class _Stage:
+            def __enter__(self):
+                self.t0 = _now()
+
+            def __exit__(self, *exc):
+                clock.seconds[stage] = round(clock.seconds.get(stage, 0.0) + _now() - self.t0, 4)
+                return False
+
+        return _Stage()
+
+
+def _now() -> float:
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+    return time.perf_counter()
 
 
 @torch.no_grad()
@@ -111,7 +145,8 @@ def _save_block(block, hidden, stats, resume_dir: Path, b: int) -> None:
     """The block's state exactly as it is in memory (no cast: a resumed run must equal an
     uninterrupted one bit for bit) and the next block's inputs, with their hashes."""
     tmp = Path(tempfile.mkdtemp(prefix=tmp_prefix(f"block{b}"), dir=resume_dir))
-    save_module_state(block, tmp / "block.safetensors", storage_dtype=None, extra={"stats": stats["layers"]})
+    save_module_state(block, tmp / "block.safetensors", storage_dtype=None,
+                      extra={"stats": stats["layers"], "block_seconds": stats.get("blocks", {})})
     torch.save(hidden, tmp / "next_inputs.pt")
     (tmp / "manifest.json").write_text(json.dumps({f.name: hash_file(f, n=64) for f in tmp.iterdir()}))
     final = resume_dir / f"block{b}"
@@ -142,6 +177,7 @@ def _resume(layers, inputs: BlockInputs, resume_dir: Path, stats: dict) -> int:
     for b in range(done):
         extra = load_module_state(layers[b], resume_dir / f"block{b}" / "block.safetensors")
         stats["layers"].update(extra.get("stats", {}))
+        stats.setdefault("blocks", {}).update(extra.get("block_seconds", {}))
     inputs.hidden = torch.load(resume_dir / f"block{done - 1}" / "next_inputs.pt")
     stats["resumed_blocks"] = done
     log.info("resumed %d finished block(s) from %s", done, resume_dir)

@@ -23,6 +23,14 @@ measured before training and after every epoch; `keep_best` restores the state w
 lowest held-out loss (the state before training included), so a stage never leaves the
 student worse on held-out data than it found it. The returned dict reports the losses before
 and after (train and held-out), the number of steps and the wall time.
+
+Data-parallel: inside an initialised torch.distributed process group of W > 1 processes
+(torchrun, or a test's gloo group), every process runs the same loop on the same state and
+each minibatch is split across them (process r takes windows r, r+W, ...); each weights its
+loss by its share of the minibatch and the gradients are summed (all_reduce), which is the
+single-process minibatch gradient up to the order of the sums. Every process then takes the
+same Adam step, so the state stays identical everywhere (hooks such as TTVQ's index updates
+see the same parameters). Held-out losses are computed by every process in full.
 """
 from __future__ import annotations
 
@@ -146,9 +154,9 @@ def _train(module: nn.Module, param_groups: list[dict], n_train: int, step_loss:
                     mult = tc.min_lr_ratio + (1 - tc.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * frac))
                     for pg in opt.param_groups:
                         pg["lr"] = pg["lr0"] * mult
-                    loss = step_loss(order[s : s + tc.batch_size])
+                    sel = order[s : s + tc.batch_size]
                     opt.zero_grad(set_to_none=True)
-                    loss.backward()
+                    loss = _backward(step_loss, sel, params)
                     if tc.grad_clip > 0:
                         torch.nn.utils.clip_grad_norm_(params, tc.grad_clip)
                     opt.step()
@@ -176,6 +184,45 @@ def _train(module: nn.Module, param_groups: list[dict], n_train: int, step_loss:
     res.update(train_after=tr, val_after=va, steps=step, epochs=tc.epochs, best_epoch=best_epoch,
                seconds=round(time.time() - t0, 3))
     return res
+
+
+def _world() -> tuple[int, int]:
+    """(rank, world size) of the data-parallel group; (0, 1) outside one."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _backward(step_loss: Callable[[torch.Tensor], torch.Tensor], sel: torch.Tensor,
+              params: list[nn.Parameter]) -> torch.Tensor:
+    """Gradients of the mean loss over the minibatch `sel` in every parameter's .grad (one
+    process, or this process's share summed over the group); returns the minibatch loss."""
+    rank, world = _world()
+    if world == 1:
+        loss = step_loss(sel)
+        loss.backward()
+        return loss
+    import torch.distributed as dist
+
+    mine = sel[rank::world]
+    share = mine.numel() / sel.numel()
+    loss = step_loss(mine) * share if mine.numel() else sum(p.sum() * 0 for p in params)
+    loss.backward()
+    # A parameter no process's share reached keeps no gradient (Adam skips it, as it would in
+    # one process); the others are summed, every process reducing every one in the same order.
+    reached = torch.tensor([float(p.grad is not None) for p in params])
+    dist.all_reduce(reached)
+    for p, n in zip(params, reached.tolist()):
+        if n == 0:
+            continue
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+        dist.all_reduce(p.grad)
+    total = loss.detach().clone()
+    dist.all_reduce(total)
+    return total
 
 
 def _default_state(module: nn.Module, params: list[nn.Parameter]) -> Callable[[], list[torch.Tensor]]:

@@ -73,3 +73,15 @@ def test_local_parallel_launcher(tmp_path, tiny_cache):
     p = cli(["-m", "hydra/launcher=local", "hydra.launcher.n_jobs=2", "method=rtn", "bits=3,4"], tmp_path, tiny_cache)
     assert p.returncode == 0, p.stderr[-3000:]
     assert sorted((r["bits"], r["status"]) for r in read_runs(tmp_path / "results")) == [(3, "ok"), (4, "ok")]
+
+
+def test_local_launcher_gives_each_job_its_own_gpu(tmp_path, tiny_cache):
+    """One job per GPU at a time, each seeing only its own; no GPU is needed to check the
+    assignment (on a CPU box the jobs run on the CPU with CUDA_VISIBLE_DEVICES set)."""
+    p = cli(["-m", "hydra/launcher=local", "hydra.launcher.gpus=[3,5]", "hydra.launcher.n_jobs=4", "method=rtn",
+             "bits=2,3,4"], tmp_path, tiny_cache)
+    assert p.returncode == 0, p.stderr[-3000:]
+    runs = read_runs(tmp_path / "results")
+    assert [r["status"] for r in runs] == ["ok"] * 3
+    assert {r["device"]["visible_gpus"] for r in runs} == {"3", "5"}  # n_jobs capped at 2: both taken at once
+    assert "2 at a time" in p.stdout + p.stderr

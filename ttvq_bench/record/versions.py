@@ -5,6 +5,7 @@ import ast
 import functools
 import hashlib
 import importlib.util
+import os
 import platform
 import pkgutil
 import subprocess
@@ -120,4 +121,7 @@ def device_info() -> dict:
             "torch_threads": torch.get_num_threads()}
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(0)
+    if os.environ.get("CUDA_VISIBLE_DEVICES") is not None:  # the GPU a launcher gave this job
+        info["visible_gpus"] = os.environ["CUDA_VISIBLE_DEVICES"]
+    info["host"] = platform.node()
     return info

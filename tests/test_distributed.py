@@ -1,0 +1,93 @@
+"""Data-parallel distillation (methods/distill.py) on CPU: two gloo processes give what one
+process gives, within floating-point noise, for the block-wise and the end-to-end loop."""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from ttvq_methods.distill import TrainConfig, distill_block, distill_model
+from ttvq_methods.model_walk import capture_inputs, decoder_layers, run_block
+
+TC = TrainConfig(epochs=2, batch_size=4, val_fraction=0.25, grad_clip=1.0)
+
+
+def _model():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(hidden_size=32, intermediate_size=64, num_attention_heads=2, num_key_value_heads=1,
+                      num_hidden_layers=1, vocab_size=64, max_position_embeddings=64)
+    return LlamaForCausalLM(cfg).eval()
+
+
+def _train(kind: str) -> dict[str, torch.Tensor]:
+    """One training stage on a perturbed copy of a tiny model; the trained weights."""
+    model = _model()
+    ids = torch.randint(0, 64, (10, 16), generator=torch.Generator().manual_seed(1))
+    teacher = _model()
+    block = decoder_layers(model)[0]
+    with torch.no_grad():  # the student starts away from the teacher
+        for p in block.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
+    params = [{"params": [p for n, p in block.named_parameters() if "proj" in n], "lr": 1e-3}]
+    if kind == "block":
+        inputs = capture_inputs(teacher, ids, 4)
+        targets = run_block(decoder_layers(teacher)[0], inputs)
+        distill_block(block, inputs.hidden, targets, inputs.kwargs_by_bs, params, TC)
+    else:
+        distill_model(model, ids, params, TC, teacher=teacher)
+    return {n: p.detach().clone() for n, p in block.named_parameters()}
+
+
+def _worker(rank: int, world: int, store: str, kind: str, out: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
+    try:
+        weights = _train(kind)
+        torch.save(weights, f"{out}.{rank}")
+    finally:
+        dist.destroy_process_group()
+
+
+def _two_processes(tmp_path, kind: str) -> dict[str, torch.Tensor]:
+    out = tmp_path / f"{kind}.pt"
+    mp.spawn(_worker, args=(2, str(tmp_path / f"store_{kind}"), kind, str(out)), nprocs=2, join=True)
+    ranks = [torch.load(f"{out}.{r}") for r in range(2)]
+    assert all(torch.equal(ranks[0][n], ranks[1][n]) for n in ranks[0])  # one state in every process
+    return ranks[0]
+
+
+def _compare(one: dict, two: dict) -> float:
+    """The largest difference between the two runs' updates, relative to the update (per
+    tensor, in norm: Adam turns a last-bit gradient difference of a near-zero gradient entry
+    into a visible step difference of that one entry, so a max-entry ratio measures Adam, not
+    the reduction)."""
+    start = _start_weights()
+    worst = 0.0
+    for n in one:
+        moved = (one[n] - start[n]).norm()
+        if moved > 0:  # the stage changed this tensor: the two runs must change it alike
+            worst = max(worst, float((one[n] - two[n]).norm() / moved))
+    return worst
+
+
+def _start_weights() -> dict:
+    model = _model()
+    block = decoder_layers(model)[0]
+    with torch.no_grad():
+        for p in block.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
+    return {n: p.detach().clone() for n, p in block.named_parameters()}
+
+
+def test_block_distillation_two_processes_match_one(tmp_path, one_thread):
+    one = _train("block")
+    two = _two_processes(tmp_path, "block")
+    assert _compare(one, two) < 1e-4, _compare(one, two)
+
+
+def test_end_to_end_distillation_two_processes_match_one(tmp_path, one_thread):
+    one = _train("e2e")
+    two = _two_processes(tmp_path, "e2e")
+    assert _compare(one, two) < 1e-4, _compare(one, two)
