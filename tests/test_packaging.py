@@ -1,6 +1,7 @@
 """A non-editable install works outside the checkout: the wheel carries the Hydra config tree,
 the task yamls and the launcher plugin, and both entry points run."""
 import os
+import shutil
 import subprocess
 import sys
 
@@ -9,7 +10,12 @@ from conftest import ROOT
 
 def test_wheel_runs_outside_the_checkout(tmp_path):
     pip = [sys.executable, "-m", "pip", "-q"]
-    subprocess.run([*pip, "wheel", "--no-deps", "--no-build-isolation", "-w", str(tmp_path / "w"), str(ROOT)],
+    # Built from a copy: setuptools leaves build/ in the source tree, and a stale build/lib would
+    # put modules deleted since into the wheel.
+    src = tmp_path / "src"
+    shutil.copytree(ROOT, src, ignore=shutil.ignore_patterns(".venv", ".git", "build", "*.egg-info", "__pycache__",
+                                                            "results", "outputs", "multirun", "wandb"))
+    subprocess.run([*pip, "wheel", "--no-deps", "--no-build-isolation", "-w", str(tmp_path / "w"), str(src)],
                    check=True, capture_output=True, timeout=300)
     wheel = next((tmp_path / "w").glob("ttvq_bench-*.whl"))
     subprocess.run([*pip, "install", "--no-deps", "--target", str(tmp_path / "site"), str(wheel)],
