@@ -64,7 +64,8 @@ class TTVQConfig:
     init: str = "vptq"  # any registered VQ method (kmeans, vptq)
     # The init method's own config fields, per init (its dataclass checks them).
     init_args: Dict[str, Dict[str, Any]] = field(default_factory=lambda: {"vptq": dict(_VQ_INIT),
-                                                                          "kmeans": dict(_VQ_INIT)})
+                                                                          "kmeans": dict(_VQ_INIT),
+                                                                          "aqlm": {}})  # AQLM's own defaults
     update_period: int = 10  # optimizer steps between index updates
     update_fraction: float = 1.0  # at most this fraction of vectors change per update
     latent_init: LatentInit = LatentInit.fp

@@ -301,9 +301,7 @@ class VPTQ(VQMethod):
     def shape(self) -> dict:
         if self.resolved is None:
             return {}
-        r = self.resolved
-        return {**dataclasses.asdict(r.spec), "index_bpw": r.spec.index_bpw, "codebook_scope": r.scope, "norm": r.norm,
-                "bpw": r.bpw, "over_budget": r.over_budget, "bits": self.bits}
+        return self.resolved.report(self.bits)
 
     def resolve_shape(self, model: nn.Module) -> None:
         """The shape `bits` buys on this model (vq/budget.py), logged and recorded."""

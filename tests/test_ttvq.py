@@ -155,8 +155,8 @@ def test_shared_codebook_is_one_parameter_and_one_stored_tensor():
 
 def test_config_errors():
     cls = METHODS.get("ttvq")
-    with pytest.raises(ConfigError, match="unknown method 'aqlm'"):
-        cls(TTVQConfig(init="aqlm"), 2)
+    with pytest.raises(ConfigError, match="unknown method 'quip'"):
+        cls(TTVQConfig(init="quip"), 2)
     with pytest.raises(ConfigError, match="not a VQ method"):
         cls(TTVQConfig(init="gptq"), 2)
     with pytest.raises(ConfigError, match="init_args.vptq.codebook_scope"):

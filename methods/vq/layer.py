@@ -38,7 +38,8 @@ optional *latent* weight Z (the regular lines in the normalised domain, (line - 
 norm_scale, what the codebooks approximate) joins as a Parameter. The forward value stays Ŵ:
 with a latent the regular lines are Σ C[I] + (Z - Z.detach()), so the gradient w.r.t. Z is the
 gradient w.r.t. Ŵ's lines (straight-through) and the gradient w.r.t. each codebook is exact.
-`update_indices` re-chooses the codes from the latent. `make_stored` rounds every float to
+`update_indices` re-chooses the codes from the latent (greedy residual, or the encoder a method
+plugged into `encoder`, e.g. AQLM's beam search). `make_stored` rounds every float to
 fp16, packs the codes and drops the latent: the stored layer computes exactly what the
 trainable one computed after `round_to_storage()`.
 
@@ -50,7 +51,7 @@ A layer's own stored_bits()/bpw() include the whole shared codebook (it is in it
 from __future__ import annotations
 
 import math
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import torch
 from torch import nn
@@ -180,6 +181,10 @@ class VQLinear(QuantizedLinear):
         self.latent: nn.Parameter | None = None  # trainable mode: regular lines, normalised
         self.latent_out: nn.Parameter | None = None  # ... and outlier lines with a codebook
         self._origin: dict[str, torch.Tensor] = {}  # trainable mode: each shared codebook's stored tensor
+        # How update_indices re-chooses codes from the latent: None is the greedy residual
+        # re-encoding; a method may plug in its own encoder(x, mask, books, codes) -> codes
+        # (AQLM: beam search over the M codebooks, vq/beam_search.BeamEncoder). Not stored.
+        self.encoder: Callable | None = None
 
     # -- names and widths ----------------------------------------------------------------------
     @property
@@ -462,16 +467,18 @@ class VQLinear(QuantizedLinear):
 
     @torch.no_grad()
     def update_indices(self, fraction: float = 1.0) -> dict:
-        """Re-choose the codes from the latent: each latent vector takes its nearest codeword of
-        codebook 0, then of each further codebook the nearest to what is left (greedy, as VPTQ's
-        residual), and keeps the new codes only if they bring it closer. With `fraction` < 1 at
-        most ceil(fraction · n_vectors) vectors change, those that gain most (PV-tuning's
-        max_code_change_per_step). Padded entries never decide. Returns {"n", "changed"}."""
+        """Re-choose the codes from the latent: by default each latent vector takes its nearest
+        codeword of codebook 0, then of each further codebook the nearest to what is left
+        (greedy, as VPTQ's residual); with an `encoder` set, the codes that encoder returns
+        (AQLM: beam search over all M codebooks). A vector keeps its new codes only if they
+        bring it closer. With `fraction` < 1 at most ceil(fraction · n_vectors) vectors change,
+        those that gain most (PV-tuning's max_code_change_per_step). Padded entries never
+        decide. Returns {"n", "changed"}."""
         if self.latent is None:
             return {"n": 0, "changed": 0}
         u = self.int_codes()
         books = [self.float_param(f"codebook{m}") for m in range(self.M)]
-        n, changed = _reassign(self.latent, [u[f"codes{m}"] for m in range(self.M)], books, fraction)
+        n, changed = _reassign(self.latent, [u[f"codes{m}"] for m in range(self.M)], books, fraction, self.encoder)
         if self.latent_out is not None:
             n2, c2 = _reassign(self.latent_out, [u["outlier_codes"]], [self.float_param("outlier_codebook")], fraction)
             n, changed = n + n2, changed + c2
@@ -481,7 +488,8 @@ class VQLinear(QuantizedLinear):
 LAYERS.register("vq_lora", VQLinear)  # checkpoints of e71b0ef and earlier (see VQLinear.upgrade)
 
 
-def _reassign(lat: torch.Tensor, codes: list[torch.Tensor], books: list[torch.Tensor], fraction: float) -> tuple[int, int]:
+def _reassign(lat: torch.Tensor, codes: list[torch.Tensor], books: list[torch.Tensor], fraction: float,
+              encoder: Callable | None = None) -> tuple[int, int]:
     d = books[0].shape[1]
     x, mask = to_vectors(lat.detach().float(), d)
     Cs = [C.detach().float() for C in books]
@@ -491,12 +499,19 @@ def _reassign(lat: torch.Tensor, codes: list[torch.Tensor], books: list[torch.Te
     def dist(q):
         return (((x - q) ** 2) * m).sum(1)
 
-    new = [nearest(x, Cs[0], mask)]
-    q_new, q_cur = Cs[0][new[0]], Cs[0][curs[0]]
-    for C, cur in zip(Cs[1:], curs[1:]):
-        q_cur = q_cur + C[cur]
-        new.append(nearest(x - q_new, C, mask))
-        q_new = q_new + C[new[-1]]
+    if encoder is None:
+        new = [nearest(x, Cs[0], mask)]
+        q_new, q_cur = Cs[0][new[0]], Cs[0][curs[0]]
+        for C, cur in zip(Cs[1:], curs[1:]):
+            q_cur = q_cur + C[cur]
+            new.append(nearest(x - q_new, C, mask))
+            q_new = q_new + C[new[-1]]
+    else:
+        new = [c.to(curs[0].device) for c in encoder(x, mask, Cs, curs)]
+        q_new, q_cur = Cs[0][new[0]], Cs[0][curs[0]]
+        for C, cur, nw in zip(Cs[1:], curs[1:], new[1:]):
+            q_cur = q_cur + C[cur]
+            q_new = q_new + C[nw]
     gain = dist(q_cur) - dist(q_new)
     move = gain > 0
     if len(Cs) == 1:
