@@ -54,7 +54,7 @@ def count_bits(model: nn.Module, storage_dtype: str = "float16") -> dict:
     seen_model: set = set()
     for m in q.values():
         model_bits += _unique_bits(m, seen_model)
-        model_params += m.n_weights + (m.out_features if m.has_bias else 0)
+        model_params += m.n_params
     # Parameters a quantized layer owns (trainable codebooks, say) are in its stored_bits already.
     seen = {p.data_ptr() for m in q.values() for p in m.parameters()}
     for p in model.parameters():

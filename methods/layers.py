@@ -55,6 +55,13 @@ class QuantizedLinear(nn.Module):
     def n_weights(self) -> int:
         return self.in_features * self.out_features
 
+    @property
+    def n_params(self) -> int:
+        """The model parameters this layer stands for (bpw_model's denominator): its weights and
+        bias. A layer standing for weights the model still holds elsewhere (an output head that
+        was tied to the input embedding) overrides this."""
+        return self.n_weights + (self.out_features if self.has_bias else 0)
+
     def stored_bits(self) -> int:
         return sum(b.numel() * b.element_size() * 8 for b in self.state_dict().values())
 

@@ -51,6 +51,7 @@ class Quantization:
         bits = method_cls.fixed_bits if method_cls.fixed_bits is not None else cfg.bits
         method = method_cls(OmegaConf.to_object(cfg.method), bits)  # rejects what it cannot do
         head = HEADS.get(cfg.head.name)(OmegaConf.to_object(cfg.head))
+        head.storage_dtype = str(cfg.model.storage_dtype)
         return cls(cfg.method.name, bits, _plain(cfg.method), cfg.head.name, _plain(cfg.head), method, head)
 
     @classmethod
@@ -69,17 +70,19 @@ class Quantization:
     def needs_calibration(self) -> bool:
         return self.checkpoint is None and (self.method.needs_calibration or self.head.needs_calibration)
 
-    def code_roots(self) -> tuple[str, ...]:
+    def code_roots(self, head_module: str | None = None) -> tuple[str, ...]:
         """Modules whose code decides the quantized weights (record/versions.py follows their imports)."""
         if self.checkpoint:
             return ()
-        return ("ttvq_methods.blockwise", *self.method.modules(), type(self.head).__module__)
+        return ("ttvq_methods.blockwise", *self.method.modules(), head_module or type(self.head).__module__)
 
-    def key(self, lm, calib_info: dict, cfg) -> str:
-        """The cache key of this exact quantization: content and code, never paths."""
+    def key(self, lm, calib_info: dict, cfg, head: tuple[dict, str] | None = None) -> str:
+        """The cache key of this exact quantization: content and code, never paths. `head`:
+        (head config, head module) instead of this job's (the body's key: see _body)."""
+        head_config, head_module = head or (self.head_config, None)
         return hash_obj({"model": lm.fingerprint, "calib": calib_info["key"], "method": self.method_config,
-                         "head": self.head_config, "bits": self.bits, "dtype": cfg.model.dtype,
-                         "storage": cfg.model.storage_dtype, "code": code_hash(self.code_roots())})
+                         "head": head_config, "bits": self.bits, "dtype": cfg.model.dtype,
+                         "storage": cfg.model.storage_dtype, "code": code_hash(self.code_roots(head_module))})
 
     # -- doing it ---------------------------------------------------------------------------------
     def run(self, cfg, lm, cache, record: dict, progress: bool, device=None) -> dict:
@@ -93,6 +96,7 @@ class Quantization:
             record["calib"] = ex.get("calib")
             return {"source": "checkpoint", "checkpoint": self.checkpoint, **_quantization_report(self.checkpoint_meta)}
         if not self.needs_calibration:
+            self.head.prepare(lm.model, None)
             self.head.apply(lm.model, None)
             return {"source": "none"}
         calib, calib_info = calibration_ids(cfg.calib, lm.tokenizer, cache)
@@ -109,35 +113,79 @@ class Quantization:
             return self._quantize(cfg, lm, cache, calib, calib_info, key, progress, device)
 
     def _quantize(self, cfg, lm, cache, calib, calib_info, key, progress, device) -> dict:
-        resume = cache.root / "work" / key  # per-block progress of this exact quantization
-        stats = {"layers": {}, "resumed_blocks": 0}
-        if self.method.needs_calibration:
-            stats = quantize_blockwise(lm.model, calib, self.method, batch_size=cfg.eval.ppl.batch_size,
-                                       resume_dir=resume if cache.enabled else None, cache=cache, progress=progress,
-                                       device=device)
+        self.head.prepare(lm.model, calib)  # the full-precision model, before the body changes
+        body = self._body(cfg, lm, cache, calib, calib_info, key, progress, device)
+        round_to_storage(lm.model, cfg.model.storage_dtype)  # the head stage sees the body as it is stored
         head_report = self.head.apply(lm.model, calib)
         round_to_storage(lm.model, cfg.model.storage_dtype)
         check_finite(lm.model, "the quantized model")
-        report = {"layers": stats["layers"], "method_report": self.method.report(), "head_report": head_report}
+        report = {"layers": body["layers"], "block_seconds": body["block_seconds"], "method_report": body["method_report"],
+                  "head_report": head_report}
         path = sha = None
         if cfg.save_checkpoint:
-            extra = {"method": self.method_name, "bits": self.bits, "method_config": self.method_config,
-                     "head": self.head_name, "head_config": self.head_config, "model": lm.name,
-                     "model_fingerprint": lm.fingerprint, "calib": calib_info, "storage_dtype": str(cfg.model.storage_dtype),
-                     "model_config": _plain(cfg.model),  # how to load the base model (load_quantized)
-                     "code_hash": code_hash(self.code_roots()), **report}
+            extra = self._extra(cfg, lm, calib_info, self.head_name, self.head_config, self.code_roots(), report)
             with cache.writing("quantized", key) as tmp:
                 sha = save_module_state(lm.model, tmp / "model.safetensors", cfg.model.storage_dtype, extra=extra)
             path = str(cache.path("quantized", key) / "model.safetensors")
-        shutil.rmtree(resume, ignore_errors=True)
-        return {"source": "quantized", "checkpoint": path, "content_sha": sha, "resumed_blocks": stats["resumed_blocks"],
-                **report}
+        if body["resume"] is not None:
+            shutil.rmtree(body["resume"], ignore_errors=True)
+        return {"source": "quantized", "checkpoint": path, "content_sha": sha, "resumed_blocks": body["resumed_blocks"],
+                **({"body": body["reuse"]} if body["reuse"] else {}), **report}
+
+    def _extra(self, cfg, lm, calib_info, head_name, head_config, roots, report) -> dict:
+        """A checkpoint's metadata: what produced it."""
+        return {"method": self.method_name, "bits": self.bits, "method_config": self.method_config,
+                "head": head_name, "head_config": head_config, "model": lm.name,
+                "model_fingerprint": lm.fingerprint, "calib": calib_info, "storage_dtype": str(cfg.model.storage_dtype),
+                "model_config": _plain(cfg.model),  # how to load the base model (load_quantized)
+                "code_hash": code_hash(roots), **report}
+
+    def _body(self, cfg, lm, cache, calib, calib_info, key, progress, device) -> dict:
+        """The decoder blocks, quantized by the method. A job whose head stage is not the plain
+        one (head=keep) shares its body with the head=keep job of the same quantization: the body
+        is loaded from that job's cache entry when there is one, and written there when it is
+        quantized here, so head variants over one body quantize it once."""
+        body = {"layers": {}, "block_seconds": {}, "method_report": None, "resumed_blocks": 0, "resume": None, "reuse": None}
+        if not self.method.needs_calibration:
+            return {**body, "method_report": self.method.report()}
+        keep = HEADS.get("keep")
+        keep_config = OmegaConf.to_container(OmegaConf.structured(keep.Config()), enum_to_str=True)
+        body_key = self.key(lm, calib_info, cfg, head=(keep_config, keep.__module__))
+        if not cache.enabled or body_key == key:
+            return {**body, **self._quantize_body(cfg, lm, cache, calib, key, progress, device)}
+        with cache.lock(f"quantize-{body_key}"):
+            if (entry := cache.lookup("quantized", body_key)) is not None:
+                path = entry / "model.safetensors"
+                load_module_state(lm.model, path)
+                rep = _quantization_report(read_meta(path))
+                log.info("body: the head=keep quantization from the cache (%s)", path)
+                return {**body, "layers": rep.get("layers", {}), "block_seconds": rep.get("block_seconds", {}),
+                        "method_report": rep.get("method_report"),
+                        "reuse": {"source": "cache", "key": body_key, "checkpoint": str(path)}}
+            res = self._quantize_body(cfg, lm, cache, calib, body_key, progress, device)
+            if cfg.save_checkpoint:
+                round_to_storage(lm.model, cfg.model.storage_dtype)  # exactly what the head=keep job stores
+                check_finite(lm.model, "the quantized model")
+                report = {"layers": res["layers"], "block_seconds": res["block_seconds"],
+                          "method_report": res["method_report"], "head_report": {}}
+                extra = self._extra(cfg, lm, calib_info, keep.name, keep_config, self.code_roots(keep.__module__), report)
+                with cache.writing("quantized", body_key) as tmp:
+                    save_module_state(lm.model, tmp / "model.safetensors", cfg.model.storage_dtype, extra=extra)
+            return {**body, **res, "reuse": {"source": "quantized", "key": body_key}}
+
+    def _quantize_body(self, cfg, lm, cache, calib, resume_key, progress, device) -> dict:
+        resume = cache.root / "work" / resume_key  # per-block progress of this exact quantization
+        stats = quantize_blockwise(lm.model, calib, self.method, batch_size=cfg.eval.ppl.batch_size,
+                                   resume_dir=resume if cache.enabled else None, cache=cache, progress=progress,
+                                   device=device)
+        return {"layers": stats["layers"], "block_seconds": stats.get("blocks", {}), "method_report": self.method.report(),
+                "resumed_blocks": stats["resumed_blocks"], "resume": resume}
 
 
 def _quantization_report(meta: dict) -> dict:
     ex = meta.get("extra", {})
     return {"content_sha": meta.get("content_sha"), "quantized_by_code": ex.get("code_hash"),
-            **{k: ex[k] for k in ("layers", "method_report", "head_report") if k in ex}}
+            **{k: ex[k] for k in ("layers", "block_seconds", "method_report", "head_report") if k in ex}}
 
 
 @torch.no_grad()

@@ -3,6 +3,8 @@ after the decoder blocks are quantized. A head is a config dataclass plus a subc
 `Head`, registered by name in HEADS; `head=<name>` selects it (conf/head/<name>.yaml).
 
     h = HEADS.get(name)(cfg)
+    h.storage_dtype = cfg.model.storage_dtype   # what unquantized tensors are stored at (the head's bits before)
+    h.prepare(model, calib_ids)          # the full-precision model, before the body is quantized (fresh quantizations)
     report = h.apply(model, calib_ids)   # calib_ids is None when h.needs_calibration is False
 
 The record's `bpw_model` counts whatever the head stage leaves in the model.
@@ -22,8 +24,15 @@ class Head:
     Config: ClassVar[type]
     needs_calibration: ClassVar[bool] = False
 
+    storage_dtype: str = "float16"  # model.storage_dtype, set by the run
+
     def __init__(self, cfg: Any):
         self.cfg = cfg
+
+    def prepare(self, model: nn.Module, calib_ids: torch.Tensor | None) -> None:
+        """Called with the full-precision model before the body is quantized or loaded from the
+        cache (e.g. to keep FP hidden states for a teacher); a quantization found whole in the
+        cache calls neither this nor apply."""
 
     def apply(self, model: nn.Module, calib_ids: torch.Tensor | None) -> dict:
         """Change the model's head in place; returns extras for the record."""
