@@ -1,9 +1,9 @@
 import sys
 
-from ttvq_analysis.tables import main
+from ttvq_analysis.cli import main
 
 try:
     main()
-except ValueError as e:  # an empty selection, mixed protocols, conflicting records: said, not a traceback
-    print(f"error: {e}", file=sys.stderr)
+except ValueError as e:  # bad filters, an empty selection, mixed protocols, conflicting records: one line
+    print(f"error: {str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}", file=sys.stderr)
     sys.exit(2)

@@ -1,74 +1,131 @@
-"""Paper-style tables from run records.
+"""Paper tables from run records, as DataFrames of numbers (rendering: `render.py`).
 
-    python -m ttvq_analysis --results results --corpus tinystories
-prints a markdown table (method x bits: perplexity with achieved bpw), refusing to mix
-records whose evaluation protocols differ (different seqlen/BOS/token counts are different
-metrics, not different results).
+- `main_table`: one row per method (with the toggles that differ from its defaults) and bit
+  width, the fp16 row first; achieved bpw, bpw_model, perplexity and KL per corpus, zero-shot
+  per task and their average, kernel speed-up, quantization time, peak memory; quantized rows
+  whose record says over_budget are marked.
+- `ablation_table`: one row per combination of named config keys (`--rows`), per bit width
+  the perplexity, its ratio to a reference method's, bpw, quantization time and peak memory
+  (`ablation_view`: as shown, with the reference looked up).
 
-    python -m ttvq_analysis --results results --corpus tinystories --method ttvq \
-        --rows method.init,method.index_update,method.codebook --ref fp16
-prints an ablation table: one row per combination of the named method-config keys, and per
-bit width the perplexity, its ratio to the reference method's perplexity, the bpw, the
-quantization time and the peak memory.
+Both refuse to mix protocols in a column (`protocol.py`) and to put two records in one cell.
+Each table carries in `.attrs` how to show it: per column a number format and which way is
+better (`better`: min/max, for the bold best value), the rows' grouping and the over-budget mark.
 """
 from __future__ import annotations
 
 import pandas as pd
 
-PROTOCOL_KEYS = ("seqlen", "stride", "bos", "n_tokens", "source")
+from ttvq_analysis.protocol import check_one_protocol, check_zeroshot_protocol, zeroshot_tasks
 
-
-def check_one_protocol(df: pd.DataFrame, corpus: str) -> dict:
-    cols = [f"protocol.{corpus}.{k}" for k in PROTOCOL_KEYS if f"protocol.{corpus}.{k}" in df]
-    if not cols:
-        raise ValueError(f"no records evaluated on {corpus!r}")
-    distinct = df[cols].astype(str).drop_duplicates()
-    if len(distinct) > 1:
-        raise ValueError(f"records on {corpus!r} use {len(distinct)} different protocols; filter first:\n{distinct}")
-    return {c.rsplit(".", 1)[1]: df[c].iloc[0].item() if hasattr(df[c].iloc[0], "item") else df[c].iloc[0]
-            for c in cols}
+REFERENCE_BITS = 16  # fp16 (and any unquantized reference) rows: shown first, never "best"
 
 
 def _on(df: pd.DataFrame, corpus: str) -> pd.DataFrame:
     return df[df[f"ppl.{corpus}"].notna()] if f"ppl.{corpus}" in df else df.iloc[0:0]
 
 
-def ppl_table(df: pd.DataFrame, corpus: str, index: str | list[str] = "method", columns: str = "bits") -> pd.DataFrame:
-    """Cells 'ppl (bpw)' for one corpus and one protocol."""
-    df = _on(df, corpus)
-    check_one_protocol(df, corpus)
-    keys = ([index] if isinstance(index, str) else list(index)) + [columns]
-    dup = df.duplicated(keys, keep=False)
+def _one_model(df: pd.DataFrame) -> None:
+    models = sorted(df["model"].astype(str).unique()) if "model" in df else []
+    if len(models) > 1:
+        raise ValueError(f"records of {len(models)} models ({', '.join(models)}): choose one with --model")
+
+
+def _unique_cells(df: pd.DataFrame, keys: list[str], labels: pd.DataFrame) -> None:
+    dup = labels.duplicated(keys, keep=False)
     if dup.any():
-        raise ValueError(f"{int(dup.sum())} records share a cell of the table, runs "
-                         f"{', '.join(df.loc[dup, 'run_id'].astype(str))}; filter to one (e.g. --where sweep=...)")
-    over = df["over_budget"].fillna(False).astype(bool) if "over_budget" in df else pd.Series(False, index=df.index)
-    cell = (df[f"ppl.{corpus}"].map(lambda v: f"{float(v):.3f}") + df["bpw"].map(lambda b: f" ({b:.2f})")
-            + over.map(lambda o: " *over budget*" if o else ""))
-    return df.assign(cell=cell).pivot_table(index=index, columns=columns, values="cell", aggfunc="first")
+        raise ValueError(f"{int(dup.sum())} records share a cell of the table ({', '.join(df.loc[dup, 'run_id'].astype(str))}); "
+                         f"filter to one (e.g. --where sweep=...)")
+
+
+def main_table(df: pd.DataFrame, corpora: str | list[str]) -> pd.DataFrame:
+    corpora = [corpora] if isinstance(corpora, str) else list(corpora)
+    has = pd.concat([_on(df, c) for c in corpora]) if corpora else df.iloc[0:0]
+    df = df.loc[has.index.unique()] if len(has) else has
+    if not len(df):
+        raise ValueError(f"no records evaluated on {', '.join(corpora)}")
+    _one_model(df)
+    protocol = {}
+    for c in corpora:
+        if len(_on(df, c)):
+            protocol[c] = check_one_protocol(_on(df, c), c, kl=f"kl.{c}" in df and df[f"kl.{c}"].notna().any())
+    tasks = zeroshot_tasks(df)
+    if tasks:
+        # Records from before tasks named their scored metric were scored by acc.
+        metric_cols = [f"zeroshot.tasks.{t}.metric" for t in tasks]
+        df = df.assign(**{c: df[c].where(df[c].notna(), "acc") if c in df else "acc" for c in metric_cols})
+        protocol["zeroshot"] = check_zeroshot_protocol(df, tasks)
+
+    out = pd.DataFrame({"method": df["method"].astype(str), "setting": df["setting"].fillna(""), "bits": df["bits"].astype(int),
+                        "over_budget": df["over_budget"].fillna(False).astype(bool) if "over_budget" in df else False},
+                       index=df.index)
+    # A bit budget is a quantized row's: the unquantized reference (stored at fp32 by some
+    # protocols, 32 bpw against its nominal 16 bits) is never marked.
+    out["over_budget"] &= out["bits"] < REFERENCE_BITS
+    _unique_cells(df, ["method", "setting", "bits"], out)
+    formats, better = {"bits": "d"}, {}
+
+    def add(col: str, values, fmt: str, best: str | None = None) -> None:
+        values = pd.to_numeric(pd.Series(values, index=df.index), errors="coerce")
+        if values.notna().any():
+            out[col], formats[col] = values, fmt
+            if best:
+                better[col] = best
+
+    add("bpw", df["bpw"], ".3f")
+    add("bpw_model", df.get("bpw_model"), ".3f")
+    for c in corpora:
+        add(f"ppl {c}", df.get(f"ppl.{c}"), ".3f", "min")
+        add(f"kl {c}", df.get(f"kl.{c}"), ".3g", "min")
+    if tasks:
+        for t in tasks:
+            metric = protocol["zeroshot"][f"tasks.{t}.metric"]  # one per task, or refused above
+            add(f"{t} {metric}", df[f"zeroshot.tasks.{t}.{metric}"], ".3f", "max")
+        sets = df[[f"zeroshot.tasks.{t}.acc" for t in tasks]].notna().apply(
+            lambda r: ",".join(t for t, ok in zip(tasks, r) if ok), axis=1)
+        scored = sets[sets != ""]
+        if scored.nunique() > 1:
+            raise ValueError("zero-shot averages over different task sets (" + " vs ".join(scored.unique())
+                             + "): filter to records with the same tasks")
+        add("zs avg", df.get("zeroshot.average"), ".3f", "max")
+    add("speedup", df.get("speed.decode.speedup"), ".2f", "max")
+    add("quantize_s", df.get("timing.quantize_s"), ".1f")
+    add("peak_rss_mb", df.get("peak_rss_mb"), ".0f")
+
+    out = out.assign(_ref=out["bits"] >= REFERENCE_BITS).sort_values(
+        ["_ref", "bits", "method", "setting"], ascending=[False, True, True, True]).drop(columns="_ref")
+    out = out.reset_index(drop=True)
+    if not out["setting"].astype(bool).any():  # every method at its defaults: no column of blanks
+        out = out.drop(columns="setting")
+    out.attrs = {"formats": formats, "better": better, "group": "bits", "mark": "over_budget",
+                 "bits_column": "bits", "protocol": protocol}
+    return out
 
 
 def ablation_table(df: pd.DataFrame, corpus: str, rows: list[str], ref_ppl: float | None = None) -> pd.DataFrame:
     """One row per combination of `rows` (method-config keys such as `method.init`, or any
-    record column), columns (bits, field): ppl, ×ref (ppl / ref_ppl), bpw, quantize_s,
-    peak_rss_mb. Combinations with more than one record are an error (filter first): an
-    ablation cell must be one run, not whichever came last."""
+    record column), columns (bits, field): ppl, x_ref (ppl / ref_ppl), bpw, quantize_s,
+    peak_rss_mb, and over_budget where any record is. Combinations with more than one record
+    are an error (filter first): an ablation cell must be one run, not whichever came last."""
     df = _on(df, corpus)
     check_one_protocol(df, corpus)
     cols = [r if r in df else f"config.{r}" for r in rows]
-    missing = [c for c in cols if c not in df]
+    missing = [r for r, c in zip(rows, cols) if c not in df]
     if missing:
-        raise ValueError(f"no such record fields: {missing}")
+        raise ValueError(f"--rows: no such record fields: {', '.join(missing)}")
     dup = df.duplicated(cols + ["bits"], keep=False)
     if dup.any():
-        raise ValueError(f"{int(dup.sum())} records share a cell; filter first:\n{df.loc[dup, cols + ['bits', 'run_id']]}")
+        raise ValueError(f"{int(dup.sum())} records share a cell ({', '.join(df.loc[dup, 'run_id'].astype(str))}); "
+                         f"filter first (e.g. --where sweep=...)")
     out = pd.DataFrame({"ppl": df[f"ppl.{corpus}"].astype(float), "bpw": df["bpw"].astype(float)})
     if ref_ppl is not None:
         out.insert(1, "x_ref", out["ppl"] / ref_ppl)
     for c in ("timing.quantize_s", "peak_rss_mb"):
         if c in df:
             out[c.split(".")[-1]] = df[c].astype(float)
-    out[cols + ["bits"]] = df[cols + ["bits"]].astype(str).where(df[cols + ["bits"]].notna(), "-")
+    if "over_budget" in df and df["over_budget"].fillna(False).astype(bool).any():
+        out["over_budget"] = df["over_budget"].fillna(False).astype(float)  # 1.0/0.0: pivots keep it numeric
+    out[cols + ["bits"]] = df[cols + ["bits"]].map(_label)
     fields = [c for c in out.columns if c not in cols + ["bits"]]
     table = out.pivot_table(index=cols, columns="bits", aggfunc="first")
     bits = sorted(table.columns.get_level_values(1).unique(), key=lambda b: (len(b), b))
@@ -78,11 +135,49 @@ def ablation_table(df: pd.DataFrame, corpus: str, rows: list[str], ref_ppl: floa
     return table
 
 
+def _label(v) -> str:
+    """A row key as the config wrote it: 2 (not the 2.0 a column with gaps holds), true, [a,b]."""
+    if isinstance(v, (list, tuple)):
+        return "[" + ",".join(_label(x) for x in v) + "]"
+    if v is None or (isinstance(v, float) and pd.isna(v)):
+        return "-"
+    if isinstance(v, bool):
+        return str(v).lower()
+    if isinstance(v, float) and v.is_integer():
+        return str(int(v))
+    return str(v)
+
+
+ABLATION_FIELDS = {"ppl": (".3f", "min"), "x_ref": (".3f", "min"), "bpw": (".3f", None),
+                   "quantize_s": (".1f", None), "peak_rss_mb": (".0f", None), "over_budget": ("flag", None)}
+
+
 def flat(table: pd.DataFrame) -> pd.DataFrame:
-    """Row keys as columns and 'bits field' column names: what a markdown table shows well."""
+    """An ablation table with its row keys as columns and 'w<bits> <field>' column names, plus
+    the attrs `render` uses (formats, which way is better per column)."""
     t = table.copy()
+    fields = [f for _, f in t.columns]
     t.columns = [f"w{b} {f}" for b, f in t.columns]
-    return t.reset_index()
+    formats = {c: ABLATION_FIELDS[f][0] for c, f in zip(t.columns, fields)}
+    better = {c: ABLATION_FIELDS[f][1] for c, f in zip(t.columns, fields) if ABLATION_FIELDS[f][1]}
+    t = t.reset_index()
+    # A cell over its bit width's budget is never that width's best.
+    marks = {c: f"w{b} over_budget" for (b, _), c in zip(table.columns, t.columns[len(t.columns) - len(fields):])
+             if c in better and f"w{b} over_budget" in t}
+    t.attrs = {"formats": formats, "better": better, "marks": marks}
+    return t
+
+
+def ablation_view(df: pd.DataFrame, corpus: str, rows: list[str], ref: str | None = None,
+                  pool: pd.DataFrame | None = None) -> pd.DataFrame:
+    """The ablation table as shown (`flat`), with `x_ref` against the perplexity of the one
+    `ref` record in `pool` (default df; e.g. every record of the model, since the reference is
+    often in another sweep), which must share df's protocol. attrs: protocol, reference."""
+    ref_ppl = reference_ppl(df if pool is None else pool, corpus, ref, like=df) if ref else None
+    t = flat(ablation_table(df, corpus, rows, ref_ppl))
+    t.attrs["protocol"] = {corpus: check_one_protocol(_on(df, corpus), corpus)}
+    t.attrs["reference"] = {ref: ref_ppl} if ref else {}
+    return t
 
 
 def reference_ppl(df: pd.DataFrame, corpus: str, method: str, like: pd.DataFrame | None = None) -> float:
@@ -96,38 +191,24 @@ def reference_ppl(df: pd.DataFrame, corpus: str, method: str, like: pd.DataFrame
     return float(ref[f"ppl.{corpus}"].iloc[0])
 
 
-def main(argv=None) -> None:
-    import argparse
-
-    from ttvq_analysis.load import load_runs
-
-    ap = argparse.ArgumentParser(description="Build a perplexity table from runs.jsonl")
-    ap.add_argument("--results", default="results")
-    ap.add_argument("--corpus", required=True)
-    ap.add_argument("--model", default=None, help="only records of this model")
-    ap.add_argument("--method", default=None, help="only records of this method (ablation tables)")
-    ap.add_argument("--rows", default=None, help="comma-separated config keys: an ablation table")
-    ap.add_argument("--ref", default=None, help="method whose perplexity is the ratio's denominator (e.g. fp16); "
-                    "looked up before --where/--method, among records of the same protocol")
-    ap.add_argument("--where", action="append", default=[], help="KEY=VALUE filter on a record field (repeatable)")
-    args = ap.parse_args(argv)
-    df = load_runs(args.results)
-    if args.model:
-        df = df[df["model"] == args.model]
-    everything = df  # the reference may come from another sweep (it is checked for the same protocol)
-    for cond in args.where:
-        key, _, val = cond.partition("=")
-        col = key if key in df else f"config.{key}"
-        if col not in df:
-            raise SystemExit(f"error: --where: no such field {key!r}")
-        df = df[df[col].astype(str) == val]
-    if args.method:
-        df = df[df["method"] == args.method]
-    ref = reference_ppl(everything, args.corpus, args.ref, like=df) if args.ref else None
-    proto = check_one_protocol(_on(df, args.corpus), args.corpus)
-    print(f"perplexity on {args.corpus}; protocol: {proto}" + (f"; reference {args.ref} = {ref:.4f}" if ref else "") + "\n")
-    if args.rows:
-        t = flat(ablation_table(df, args.corpus, args.rows.split(","), ref))
-        print(t.astype(object).where(t.notna(), None).to_markdown(index=False, floatfmt=".4g", missingval="-"))
-    else:
-        print(ppl_table(df, args.corpus).to_markdown())
+def best_mask(table: pd.DataFrame) -> pd.DataFrame:
+    """True where a cell holds its column's best value (attrs `better`) among comparable rows:
+    within its group (attrs `group`, e.g. one bit width), never a reference row (16 in the
+    attrs `bits_column`), never an over-budget row (attrs `mark`; per column: attrs `marks`,
+    column -> its own mark column, as an ablation table's bit widths have). Ties are all best."""
+    a = table.attrs
+    mask = pd.DataFrame(False, index=table.index, columns=table.columns)
+    eligible = pd.Series(True, index=table.index)
+    if a.get("bits_column"):
+        eligible &= table[a["bits_column"]] < REFERENCE_BITS
+    if a.get("mark"):
+        eligible &= ~table[a["mark"]].astype(bool)
+    groups = table.groupby(a["group"]).groups.values() if a.get("group") else [table.index]
+    for col, how in a.get("better", {}).items():
+        for idx in groups:
+            ok = eligible & ~table[a["marks"][col]].fillna(0).astype(bool) if col in a.get("marks", {}) else eligible
+            vals = table.loc[[i for i in idx if ok[i]], col].dropna()
+            if len(vals) > 1:
+                best = vals.min() if how == "min" else vals.max()
+                mask.loc[vals.index[vals == best], col] = True
+    return mask

@@ -57,9 +57,17 @@ def test_sweep_runs_then_skips(tmp_path, tiny_cache):
     assert sorted((r["method"], r["bits"], r["status"]) for r in runs) == [
         ("gptq", 2, "ok"), ("gptq", 4, "ok"), ("rtn", 2, "ok"), ("rtn", 4, "ok")]
     assert len({r["sweep"] for r in runs}) == 1 and runs[0]["sweep"]
-    p = cli(["-m", "method=rtn,gptq", "bits=2,4"], tmp_path, tiny_cache)
+    assert summary_rows(p) == [["gptq", "2", "ok"], ["rtn", "2", "ok"], ["gptq", "4", "ok"], ["rtn", "4", "ok"]]
+    p = cli(["-m", "method=rtn,gptq", "bits=2,4", "sweep=again"], tmp_path, tiny_cache)
     assert p.returncode == 0
     assert len(read_runs(tmp_path / "results")) == 4  # all four skipped
+    assert [s for *_, s in summary_rows(p, "again")] == ["skipped"] * 4
+
+
+def summary_rows(p, sweep: str = "sweep") -> list[list[str]]:
+    """Method, bits, status of the sweep summary table printed at the end of a sweep."""
+    lines = p.stdout.split(f"\nsweep {sweep} (records in ", 1)[1].splitlines()[3:]
+    return [[c.strip() for c in line.split("|")[1:4]] for line in lines if line.startswith("|")]
 
 
 def test_sweep_with_a_bad_point_exits_nonzero(tmp_path, tiny_cache):

@@ -127,6 +127,30 @@ def test_scoring_on_known_answers(compose, rig, tmp_path):
     assert res["average"] == pytest.approx(0.5)
     assert res["bos"] is True and res["limit"] is None and res["lm_eval_version"] == "0.4.13"
     assert all(r["source"] == "include_path" and r["cached"] is False for r in t.values())
+    assert all(r["metric"] == "acc" for r in t.values())  # none of these computes acc_mutual_info
+
+
+def test_per_document_outputs_beside_the_result(compose, rig, tmp_path):
+    """samples.jsonl per task in its cache entry (path in the record), one line per document
+    with the choices' log-likelihoods and the document's metrics; they agree with the task's
+    acc, survive the cache, and pair two models document by document."""
+    from ttvq_analysis.paired import paired_zeroshot
+
+    folder, model_a, model_b = rig
+    cfg, cache = _zs_cfg(compose, folder, "eval.zeroshot.tasks=[rig_win,rig_greedy]"), Cache(tmp_path)
+    a = Z.evaluate_zeroshot(cfg, model_a, cache, progress=False)["tasks"]
+    rows = [json.loads(line) for line in Path(a["rig_win"]["samples"]).read_text().splitlines()]
+    assert [r["doc_id"] for r in rows] == [0, 1, 2] and [r["target"] for r in rows] == [0, 1, 2]
+    assert [len(r["resps"]) for r in rows] == [2, 3, 3] and all(r["acc"] == 1.0 for r in rows)
+    best = [max(range(len(r["resps"])), key=lambda i: r["resps"][i][0]) for r in rows]
+    assert best == [0, 1, 2]  # the favourite byte wins, as acc says
+    greedy = [json.loads(line) for line in Path(a["rig_greedy"]["samples"]).read_text().splitlines()]
+    assert [r["acc"] for r in greedy] == [1.0, 1.0] and all(r["resps"][0][1] is True for r in greedy)
+    again = Z.evaluate_zeroshot(cfg, model_a, cache, progress=False)["tasks"]["rig_win"]
+    assert again["cached"] is True and again["samples"] == a["rig_win"]["samples"]
+    b = Z.evaluate_zeroshot(cfg, model_b, cache, progress=False)["tasks"]
+    p = paired_zeroshot(a["rig_win"]["samples"], b["rig_win"]["samples"], "acc")
+    assert p["n"] == 3 and p["diff"] == 1.0 and p["a_only"] == 3 and p["b_only"] == 0
 
 
 def test_cache_is_per_checkpoint(compose, rig, tmp_path):
@@ -415,12 +439,18 @@ def test_default_tasks_shape():
 
 
 def test_default_continuation_record(compose, rig, tmp_path):
-    _, model_a, _ = rig
+    folder, model_a, _ = rig
     cfg = compose(["logger=none", "eval.zeroshot.tasks=[default_continuation]", "eval.zeroshot.limit=8"])
     r = Z.evaluate_zeroshot(cfg, model_a, Cache(tmp_path), progress=False)["tasks"]["default_continuation"]
     assert r["n"] == 8 and r["n_total"] > 150 and r["source"] == "default_corpus"
     assert {"acc", "acc_stderr", "acc_norm", "acc_norm_stderr", "acc_mutual_info", "acc_mutual_info_stderr"} <= set(r)
     assert "perplexity" not in r
+    # the discriminative metric of this task scores it, in the average too
+    res = Z.evaluate_zeroshot(_zs_cfg(compose, folder, "eval.zeroshot.tasks=[default_continuation,rig_lose]",
+                                      "eval.zeroshot.limit=8"), model_a, Cache(tmp_path), progress=False)
+    cont, other = res["tasks"]["default_continuation"], res["tasks"]["rig_lose"]
+    assert cont["metric"] == "acc_mutual_info" and other["metric"] == "acc" and cont["acc_mutual_info"] != cont["acc"]
+    assert res["average"] == pytest.approx((cont["acc_mutual_info"] + other["acc"]) / 2)
 
 
 def test_job_records_zeroshot(tiny_cfg, tmp_path):

@@ -146,8 +146,9 @@ class WandbConfig:
     init_timeout: float = 10.0  # online: seconds to reach the service before logging offline instead
     project: str = "ttvq-bench"
     entity: Optional[str] = None
-    group: Optional[str] = None  # default: the sweep dir name (one group per sweep)
-    tags: List[str] = field(default_factory=list)
+    group: Optional[str] = None  # default: `<experiment or sweep>-<date>-<time>` of the sweep's start
+    tags: List[str] = field(default_factory=list)  # added to method, w<bits> and experiment
+    log_checkpoint: bool = False  # the quantized checkpoint as a `model` artifact (its size again on disk)
 
 
 @dataclass

@@ -30,7 +30,7 @@ from ttvq_bench.record.dirs import check_writable
 from ttvq_bench.record.locks import file_lock
 from ttvq_bench.record.results import append_run, find_ok, write_json_atomic
 from ttvq_bench.record.versions import device_info, versions
-from ttvq_bench.record.wandb_log import WandbRun
+from ttvq_bench.record.wandb_log import WandbRun, log_skipped
 from ttvq_methods.bits import count_bits
 from ttvq_methods.checkpoint import round_to_storage
 from ttvq_methods.vq.budget import BUDGET_SLACK
@@ -77,11 +77,11 @@ def run_job(cfg: DictConfig, output_dir: str | Path) -> dict:
         if not cfg.force and (done := find_ok(cfg.results_dir, run_id)):
             log.info("skip: run_id %s already has an ok record (force=true to rerun)", run_id)
             write_json_atomic(output_dir / "result.json", done)
+            # still one run in this sweep's W&B group: a summary-only one, `skipped: true`
+            log_skipped(cfg.logger.wandb, _wandb_config(cfg), output_dir, done, _sweep_name(cfg))
             return done
         record = _base_record(cfg, lm, q, run_id, defining)
-        tags = [q.method_name, f"w{q.bits}"] + [f"{k}={v}" for k, v in q.method_config.items() if k != "name"]
-        wb = WandbRun(cfg.logger.wandb, OmegaConf.to_container(cfg, resolve=True, enum_to_str=True), output_dir,
-                      record["sweep"], tags, name=f"{lm.name}-{q.method_name}-w{q.bits}")
+        wb = WandbRun(cfg.logger.wandb, _wandb_config(cfg), output_dir, record["sweep"], record)
         try:
             evaluation = Evaluation(cfg, lm, cache, lambda: _fp_model(cfg, cache), device)
             evaluation.take_fp_reference()  # of the model as loaded, before it is quantized
@@ -142,13 +142,22 @@ def _check_context(cfg, lm, q: Quantization) -> None:
             raise ConfigError(f"{key}={n} exceeds the context of {lm.name} ({ctx} positions): use at most {ctx}")
 
 
-def _base_record(cfg, lm, q: Quantization, run_id: str, defining: dict) -> dict:
+def _wandb_config(cfg) -> dict:
+    return OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
+
+
+def _sweep_name(cfg) -> str | None:
+    """`sweep=`, else in a Hydra sweep its dir's name, else none (a single run)."""
     from hydra.core.hydra_config import HydraConfig
 
-    sweep = cfg.sweep
-    if sweep is None and HydraConfig.initialized():
-        hc = HydraConfig.get()
-        sweep = Path(hc.sweep.dir).name if hc.mode.name == "MULTIRUN" else None
+    if cfg.sweep is not None or not HydraConfig.initialized():
+        return cfg.sweep
+    hc = HydraConfig.get()
+    return Path(hc.sweep.dir).name if hc.mode.name == "MULTIRUN" else None
+
+
+def _base_record(cfg, lm, q: Quantization, run_id: str, defining: dict) -> dict:
+    sweep = _sweep_name(cfg)
     return {
         "run_id": run_id, "status": "running", "method": q.method_name, "bits": q.bits, "model": lm.name,
         "model_info": {k: v for k, v in lm.info.items() if k != "train_log"}, "model_fingerprint": lm.fingerprint,

@@ -28,6 +28,13 @@ Protocol (all of it in the returned dict):
   lm-eval (`n_truncated` requests per task); a continuation that alone exceeds the context,
   where lm-eval would stop on an assert, is scored in consecutive context-sized pieces
   (`n_split`), i.e. its log-likelihood under the model's context limit.
+- Score: a task's `metric` is acc_mutual_info where the task computes it (its yaml lists it:
+  the metric that discriminates on that task, e.g. `default_continuation`, where a small model
+  mostly picks the choice likely on its own), else acc. The summary line and `average` use it.
+- Per-document outputs: `samples.jsonl` in the task's cache entry, its path in the record
+  (`tasks.<name>.samples`): per document lm-eval's doc_id and doc hash, the target, every
+  request's (log-likelihood, is-greedy) and the per-document metric values, so two methods can
+  be compared document by document (`ttvq_analysis.paired`).
 - Cache: one entry per task under `<cache_dir>/zeroshot/<key>`, key = hash of the weights in
   memory (`hash_tensors` of the state dict, so two checkpoints never share one), the model and
   tokenizer fingerprints, the rendered requests' content (documents, prompts, choices,
@@ -57,8 +64,12 @@ log = logging.getLogger("ttvq")
 TASKS_DIR = Path(__file__).resolve().parent / "tasks"
 BUILTIN_PREFIX = "lm_eval:"
 CACHE_KIND = "zeroshot"
-# Bump when the scoring path here changes in a way the cache key cannot see.
-ZEROSHOT_VERSION = 1
+# Bump when the scoring path here changes in a way the cache key cannot see
+# (2: entries hold the per-document outputs and the task's scored metric).
+ZEROSHOT_VERSION = 2
+SAMPLES_FILE = "samples.jsonl"
+# The metric a task is scored by: the first of these that it computes.
+SCORE_METRICS = ("acc_mutual_info", "acc")
 
 
 # -------------------------------------------------------------------------------------------
@@ -139,10 +150,11 @@ def evaluate_zeroshot(cfg, lm, cache, record: dict | None = None, progress: bool
         per_task = {}
         for name, (task, source) in tasks.items():
             per_task[name] = _evaluate_task(hflm, name, task, source, zs, base, cache)
-    accs = [r["acc"] for r in per_task.values()]
+    scores = [r[r["metric"]] for r in per_task.values()]
     return {
         "tasks": per_task,
-        "average": sum(accs) / len(accs),
+        "average": sum(scores) / len(scores),
+        "average_of": "each task's `metric`: acc_mutual_info where the task computes it, else acc",
         "lm_eval_version": base["lm_eval"],
         "bos": bool(zs.bos),
         "limit": zs.limit,
@@ -163,18 +175,27 @@ def _evaluate_task(hflm, name: str, task, source: str, zs, base: dict, cache) ->
     n_total = len(docs)
     indices = subsample(n_total, zs.limit, zs.seed, name)
     key = hash_obj({**base, "task": name, "content": task_content_hash(task, indices, docs), "indices": indices})
-    entry = cache.path(CACHE_KIND, key) / "result.json"
+    entry = cache.path(CACHE_KIND, key)
     if cache.has(CACHE_KIND, key):
-        res = json.loads(entry.read_text())
-        log.info("zeroshot[%s] from cache: acc %.4f (n=%d)", name, res["acc"], res["n"])
-        return {**res, "cached": True}
+        res = json.loads((entry / "result.json").read_text())
+        log.info("zeroshot[%s] from cache: %s", name, _score_line(res))
+        return {**res, "samples": str(entry / SAMPLES_FILE), "cached": True}
     t0 = time.time()
     res = run_task(hflm, task, indices)
+    samples = res.pop("samples")
     res.update({"n_total": n_total, "source": source, "wall_s": round(time.time() - t0, 3)})
     with cache.writing(CACHE_KIND, key) as tmp:
         (tmp / "result.json").write_text(json.dumps(res, indent=1))
-    log.info("zeroshot[%s] acc %.4f ± %.4f (n=%d, %.1fs)", name, res["acc"], res["acc_stderr"], res["n"], res["wall_s"])
-    return {**res, "cached": False}
+        with open(tmp / SAMPLES_FILE, "w", encoding="utf-8") as f:
+            f.writelines(json.dumps(s) + "\n" for s in samples)
+    log.info("zeroshot[%s] %s (%.1fs)", name, _score_line(res), res["wall_s"])
+    return {**res, "samples": str(entry / SAMPLES_FILE), "cached": False}
+
+
+def _score_line(res: dict) -> str:
+    m = res["metric"]
+    err = res.get(f"{m}_stderr")
+    return f"{m} {res[m]:.4f}" + (f" ± {err:.4f}" if err is not None else "") + f" (n={res['n']})"
 
 
 def subsample(n: int, limit: int | None, seed: int, name: str) -> list[int] | None:
@@ -202,7 +223,8 @@ def task_content_hash(task, indices: list[int] | None, docs=None) -> str:
 
 
 def run_task(hflm, task, indices: list[int] | None) -> dict:
-    """lm-eval's own 0-shot evaluation of one task; returns acc/acc_norm (+ stderr), n, ...
+    """lm-eval's own 0-shot evaluation of one task; returns acc/acc_norm (+ stderr), n, the
+    scored `metric`, ..., and `samples`: the per-document outputs (`sample_row`).
 
     `lm_eval.evaluator.evaluate` rather than `simple_evaluate`: the latter only adds seeding of
     the global generators (nothing is random in 0-shot loglikelihood scoring) and an
@@ -227,10 +249,27 @@ def run_task(hflm, task, indices: list[int] | None) -> dict:
         res["perplexity"] = float(metrics["perplexity,none"])
     if "acc" not in res:
         raise ConfigError(f"zero-shot task {name!r} reports no acc (metrics: {sorted(metrics)})")
+    res["metric"] = next(m for m in SCORE_METRICS if m in res)
+    res["samples"] = [sample_row(s) for s in samples]
     res["task_version"] = out["versions"].get(name)
     res["n_truncated"] = hflm.n_truncated  # requests whose context was cut from the left
     res["n_split"] = hflm.n_split  # requests whose continuation alone exceeded the context
     return res
+
+
+def sample_row(s: dict) -> dict:
+    """One document's outputs from lm-eval's logged sample: ids, target, every request's
+    filtered response ((log-likelihood, is-greedy) for our loglikelihood and multiple-choice
+    tasks) and the per-document metric values."""
+    def plain(v):
+        if isinstance(v, (list, tuple)):
+            return [plain(x) for x in v]
+        if isinstance(v, (bool, int, float, str)) or v is None:
+            return v
+        return float(v) if hasattr(v, "__float__") else str(v)
+
+    return {"doc_id": int(s["doc_id"]), "doc_hash": s.get("doc_hash"), "target": plain(s.get("target")),
+            "resps": plain(s.get("filtered_resps")), **{m: plain(s[m]) for m in s.get("metrics", []) if m in s}}
 
 
 # -------------------------------------------------------------------------------------------
