@@ -40,9 +40,11 @@ METHODS = {
     "vptq": ["method=vptq"],
     "ttvq-init": ["method=ttvq", "method.blockwise=false", "method.peft=false"],  # TTVQ's init alone
     "ttvq": ["method=ttvq", *FAST_TTVQ],
+    "aqlm": ["method=aqlm", "method.ft_epochs=3"],
+    "jlcm": ["method=jlcm", "method.epochs=3"],
 }
 BITS = (2, 3)
-VQ, SCALAR = ("vptq", "ttvq"), ("rtn", "gptq")  # the claimed VQ methods (plain k-means is an ablation baseline)
+VQ, SCALAR = ("vptq", "ttvq", "aqlm", "jlcm"), ("rtn", "gptq")  # the claimed VQ methods (plain k-means is an ablation baseline)
 
 
 def points(models: list[str]) -> list[tuple[str, str, int]]:
