@@ -92,6 +92,10 @@ class TTVQConfig:
     peft_lr_lora: float = 1e-4
     peft_latent: bool = False  # beyond the paper, not parameter-efficient: latents + indices train end to end
     peft_lr_latent: float = 1e-3
+    # peft_latent's index updates (0: as in stage 1). PV-tuning's rule is period 1, fraction 0.01:
+    # every step, only the vectors that gain most (docs/methods/aqlm.md).
+    peft_update_period: int = 0
+    peft_update_fraction: float = 0.0
     # -- both stages -------------------------------------------------------------------------------
     synthetic_windows: int = 0  # extra windows sampled from the FP model (data-free KD)
     synthetic_temperature: float = 1.0
@@ -108,6 +112,7 @@ class TTVQ(Method):
     def __init__(self, cfg: TTVQConfig, bits: int):
         super().__init__(cfg, bits)
         check_ranges(cfg, "ttvq", update_period=">= 1", update_fraction="in (0, 1]", val_fraction="in [0, 1)",
+                     peft_update_period=">= 0", peft_update_fraction="in [0, 1)",
                      synthetic_temperature="> 0", block_epochs=">= 0", peft_epochs=">= 0", lora_rank=">= 0",
                      synthetic_windows=">= 0", block_batch_size=">= 1", peft_batch_size=">= 1")
         cls = METHODS.get(cfg.init)
@@ -160,9 +165,10 @@ class TTVQ(Method):
         return TrainConfig(epochs=epochs, batch_size=batch_size, val_fraction=c.val_fraction,
                            min_lr_ratio=c.min_lr_ratio, grad_clip=c.grad_clip, keep_best=True, seed=c.seed)
 
-    def _index_updates(self, layers: dict[str, VQLinear], active: bool) -> IndexUpdates:
+    def _index_updates(self, layers: dict[str, VQLinear], active: bool, period: int = 0,
+                       fraction: float = 0.0) -> IndexUpdates:
         c = self.cfg
-        return IndexUpdates(layers.values(), c.update_period, c.update_fraction,
+        return IndexUpdates(layers.values(), period or c.update_period, fraction or c.update_fraction,
                             reset_latent=c.index_update == "gradient", active=active)
 
     # -- stage 1 -----------------------------------------------------------------------------------
@@ -244,7 +250,7 @@ class TTVQ(Method):
         if latent and cfg.index_update == "gradient":
             for q in layers.values():
                 q.reset_latent()
-        idx = self._index_updates(layers, active=latent)
+        idx = self._index_updates(layers, active=latent, period=cfg.peft_update_period, fraction=cfg.peft_update_fraction)
         sel = set(cfg.peft_params)
         roles = {k: [] for k in ("codebook", "scale", "lora", "latent")}
         for q in layers.values():

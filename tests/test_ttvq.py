@@ -163,11 +163,21 @@ def test_config_errors():
         cls(TTVQConfig(init_args={"vptq": {"codebook_scope": "everything"}}), 2)
     with pytest.raises(ConfigError, match="index_update"):
         make_config(TTVQConfig, {"index_update": "sometimes"}, "ttvq")
-    for bad in (dict(update_fraction=0.0), dict(update_period=0), dict(block_epochs=-1), dict(peft_batch_size=0)):
+    for bad in (dict(update_fraction=0.0), dict(update_period=0), dict(block_epochs=-1), dict(peft_batch_size=0),
+                dict(peft_update_fraction=1.5), dict(peft_update_period=-1)):
         with pytest.raises(ConfigError, match=next(iter(bad))):
             cls(TTVQConfig(**bad), 2)
     init = TTVQ(TTVQConfig(), 2).init
     assert (init.cfg.codebook_scope, init.cfg.norm, init.cfg.norm_bias) == ("model", "line", False)
+
+
+def test_peft_index_updates_default_to_stage_1s_and_take_their_own():
+    t = TTVQ(TTVQConfig(update_period=10, update_fraction=0.5), 2)
+    idx = t._index_updates({}, True, t.cfg.peft_update_period, t.cfg.peft_update_fraction)
+    assert (idx.period, idx.fraction) == (10, 0.5)  # 0: as in stage 1
+    t = TTVQ(TTVQConfig(update_period=10, update_fraction=0.5, peft_update_period=1, peft_update_fraction=0.01), 2)
+    idx = t._index_updates({}, True, t.cfg.peft_update_period, t.cfg.peft_update_fraction)
+    assert (idx.period, idx.fraction) == (1, 0.01)  # PV-tuning's rule
 
 
 def test_yaml_composes(compose):
