@@ -75,3 +75,27 @@ def tiny_cfg(compose, tiny_cache, tmp_path):
         return compose(TINY + [f"cache_dir={tiny_cache}", f"results_dir={tmp_path / 'results'}", *overrides])
 
     return make
+
+
+def quantize_recording(cfg, method):
+    """Quantize cfg's model with `method` through the block loop, keeping each layer's stored
+    state as `quantize_layer` returned it (before any training). Returns (lm, calib, init)."""
+    from ttvq_bench.data.calib import calibration_ids
+    from ttvq_bench.models import load_model
+    from ttvq_bench.record.cache import Cache
+    from ttvq_methods.blockwise import quantize_blockwise
+
+    cache = Cache(cfg.cache_dir)
+    lm = load_model(cfg.model, cache, False)
+    calib, _ = calibration_ids(cfg.calib, lm.tokenizer, cache)
+    init = {}
+    real = method.quantize_layer
+
+    def recording(name, layer, H):
+        q = real(name, layer, H)
+        init[name] = {k: v.clone() for k, v in q.state_dict().items()}
+        return q
+
+    method.quantize_layer = recording
+    quantize_blockwise(lm.model, calib, method, batch_size=4, progress=False)
+    return lm, calib, init

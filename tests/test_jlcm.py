@@ -306,26 +306,12 @@ FAST = ("method=jlcm", "bits=2", "method.kmeans_iters=10", "method.epochs=3", "m
 def tiny_jlcm(tiny_cfg):
     from omegaconf import OmegaConf
 
-    from ttvq_bench.data.calib import calibration_ids
-    from ttvq_bench.models import load_model
-    from ttvq_bench.record.cache import Cache
-    from ttvq_methods.blockwise import quantize_blockwise
+    from conftest import quantize_recording
 
     def run(*overrides):
         cfg = tiny_cfg(*FAST, *overrides)
-        lm = load_model(cfg.model, Cache(cfg.cache_dir), False)
-        calib, _ = calibration_ids(cfg.calib, lm.tokenizer, Cache(cfg.cache_dir))
         method = JLCM(OmegaConf.to_object(cfg.method), cfg.bits)
-        init = {}
-        real = method.quantize_layer
-
-        def recording(name, layer, H):
-            q = real(name, layer, H)
-            init[name] = {k: v.clone() for k, v in q.state_dict().items()}
-            return q
-
-        method.quantize_layer = recording
-        quantize_blockwise(lm.model, calib, method, batch_size=4, progress=False)
+        lm, _, init = quantize_recording(cfg, method)
         return method, init, modules_of(lm.model, JLCMLinear)
 
     return run

@@ -201,29 +201,13 @@ FAST = ["bits=2", "+method.init_args.vptq.kmeans_iters=10", "+method.init_args.k
 def tiny_ttvq(tiny_cfg):
     from omegaconf import OmegaConf
 
-    from ttvq_bench.data.calib import calibration_ids
-    from ttvq_bench.models import load_model
-    from ttvq_bench.record.cache import Cache
-    from ttvq_methods.blockwise import quantize_blockwise
+    from conftest import quantize_recording
 
     def run(*overrides):
         cfg = tiny_cfg("method=ttvq", *FAST, *overrides)
-        cache = Cache(cfg.cache_dir)
-        lm = load_model(cfg.model, cache, False)
-        calib, _ = calibration_ids(cfg.calib, lm.tokenizer, cache)
         method = TTVQ(OmegaConf.to_object(cfg.method), cfg.bits)
-        init = {}
-        real = method.quantize_layer
-
-        def recording(name, layer, H):
-            q = real(name, layer, H)
-            init[name] = {k: v.clone() for k, v in q.state_dict().items()}
-            return q
-
-        method.quantize_layer = recording
-        quantize_blockwise(lm.model, calib, method, batch_size=4, progress=False)
-        final = modules_of(lm.model, VQLinear)
-        return lm, calib, method, init, final
+        lm, calib, init = quantize_recording(cfg, method)
+        return lm, calib, method, init, modules_of(lm.model, VQLinear)
 
     return run
 
