@@ -136,6 +136,43 @@ def test_damaged_cache_entry_is_discarded_and_rebuilt(tmp_path, tiny_cache, cach
     assert again["quantize"]["source"] == "quantized" and again["ppl"] == first["ppl"]
 
 
+def _build_and_read(root: str, n: int, failures) -> None:
+    import random
+    import shutil
+    import time
+
+    from ttvq_bench.record.cache import Cache
+
+    rmtree, rng = shutil.rmtree, random.Random(os.getpid())
+
+    def slow_rmtree(*a, **k):  # widens every window around a removal from microseconds to a millisecond
+        time.sleep(rng.random() * 2e-3)
+        return rmtree(*a, **k)
+
+    shutil.rmtree = slow_rmtree  # this process only (forked)
+    c = Cache(root)
+    for i in range(n):
+        try:
+            (c.get_or_create("k", f"key{i}", lambda tmp: (tmp / "f.txt").write_text("x" * 1000)) / "f.txt").read_text()
+        except OSError:
+            failures.value += 1
+
+
+def test_parallel_writers_never_remove_a_published_entry(tmp_path):
+    """Jobs of one sweep build the same entry at once (the KL reference) and read it right after:
+    a writer that lost the race once removed the winner's entry under its reader (a red CI)."""
+    import multiprocessing as mp
+
+    ctx = mp.get_context("fork")
+    failures = ctx.Value("i", 0)
+    procs = [ctx.Process(target=_build_and_read, args=(str(tmp_path / "c"), 400, failures)) for _ in range(6)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(120)
+    assert [p.exitcode for p in procs] == [0] * 6 and failures.value == 0
+
+
 def test_bit_flipped_or_truncated_checkpoint_is_refused(tmp_path, tiny_cache, cache):
     assert job(tmp_path, cache, "method=gptq", "bits=3", name="a").returncode == 0
     ckpt = Path(oks(tmp_path / "results")[-1]["quantize"]["checkpoint"])
@@ -239,7 +276,7 @@ def test_killed_sweep_point_costs_only_itself(tmp_path, tiny_cache, cache):
             f"hydra.sweep.dir={tmp_path / 'sweep'}", env={"TTVQ_FAULT_ARGV": "bits=3"}, fault="eval")
     assert p.returncode != 0
     assert any("killed by SIGKILL" in l for l in errors(p)), p.stderr[-2000:]
-    assert "1 job(s) of the sweep failed" in p.stderr
+    assert "1 job(s) of the sweep failed" in p.stderr, p.out[-6000:]
     runs = read_runs(tmp_path / "results")
     assert [(r.get("bits"), r["status"]) for r in runs if r["status"] == "ok"] == [(4, "ok")]
     assert [r for r in runs if r["status"] == "failed" and "bits=3" in r.get("overrides", [])]

@@ -65,8 +65,9 @@ class Cache:
         if not marker.is_file():
             return None
         problem = None
+        manifest = _read_or_none(marker)
         try:
-            files = json.loads(marker.read_text())["files"]
+            files = json.loads(manifest)["files"]
             for rel, sha in files.items():
                 f = entry / rel
                 if not f.is_file():
@@ -80,7 +81,9 @@ class Cache:
         if problem is None:
             return entry
         log.warning("cache entry %s/%s is damaged (%s): discarded, building it again", kind, key, problem)
-        shutil.rmtree(entry, ignore_errors=True)
+        with self._publish_lock(kind):
+            if _read_or_none(marker) == manifest:  # not replaced by a good entry meanwhile
+                _discard(entry)
         return None
 
     def has(self, kind: str, key: str) -> bool:
@@ -102,14 +105,14 @@ class Cache:
             (tmp / ".complete").write_text(json.dumps({"time": time.strftime("%Y-%m-%dT%H:%M:%S"), "files": files}))
             os.chmod(tmp / ".complete", mode)
             os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700
-            if (final / ".complete").exists():  # another job finished the same entry first: keep theirs
-                shutil.rmtree(tmp)
-                return
-            shutil.rmtree(final, ignore_errors=True)  # a leftover without a marker
-            try:
+            # Writers of one kind publish one at a time: without the lock a writer could remove
+            # an entry another job had just published and was reading.
+            with self._publish_lock(kind):
+                if (final / ".complete").exists():  # another job finished the same entry first: keep theirs
+                    shutil.rmtree(tmp)
+                    return
+                _discard(final)  # a leftover without a marker
                 os.rename(tmp, final)
-            except OSError:  # lost a race with a parallel writer
-                shutil.rmtree(tmp, ignore_errors=True)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
@@ -122,6 +125,9 @@ class Cache:
             build(tmp)
         return self.path(kind, key)
 
+    def _publish_lock(self, kind: str):
+        return file_lock(self.root / "locks" / f"publish-{kind}.lock", what=f"the cache's {kind} entries")
+
     def lock(self, name: str):
         """An exclusive lock shared by every job that uses this cache directory."""
         return file_lock(self.root / "locks" / f"{name}.lock", what=name)
@@ -130,6 +136,22 @@ class Cache:
         """Remove leftovers of killed writers: temporaries whose process on this host is gone,
         and any older than `older_than_s`. Returns how many."""
         return clean_tmp(self.root.glob("*/.tmp-*"), older_than_s) + clean_tmp(self.root.glob("*/*/.tmp-*"), older_than_s)
+
+
+def _read_or_none(path: Path) -> str | None:
+    try:
+        return path.read_text()
+    except OSError:
+        return None
+
+
+def _discard(entry: Path) -> None:
+    """Move the entry out of its name in one step, then delete it: no reader ever sees half of it."""
+    if not entry.exists():
+        return
+    trash = Path(tempfile.mkdtemp(prefix=tmp_prefix(entry.name + "-discarded"), dir=entry.parent))
+    os.rename(entry, trash / "entry")
+    shutil.rmtree(trash, ignore_errors=True)
 
 
 def _writer_gone(name: str) -> bool:
