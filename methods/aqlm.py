@@ -29,7 +29,7 @@ from torch import nn
 
 from ttvq_bench.errors import ConfigError, QuantizationError
 from ttvq_methods.base import BlockContext, TeacherRequest, VQMethod, check_ranges
-from ttvq_methods.distill import TrainConfig, distill_block, distill_model, trainable_fraction
+from ttvq_methods.distill import TrainConfig, distill_block, distill_model, teacher_targets_args, trainable_fraction
 from ttvq_methods.model_walk import modules_of, norm_params, unique_param_count
 from ttvq_methods.registry import METHODS
 from ttvq_methods.second_order import layer_proxy_loss, prepare_hessian
@@ -83,6 +83,7 @@ class AQLMConfig:
     pv_update_period: int = 1  # optimizer steps between code updates (the reference: every step)
     pv_beam_size: int = 5  # beam search from a latent (PV's V step, TTVQ's index updates)
     pv_min_lr_ratio: float = 1.0  # cosine floor of the PV stage (1: constant lr)
+    pv_teacher_topk: int = 0  # 0: the teacher's full distribution when it fits in 2 GB, else its top 128; k: top k
 
 
 @dataclass
@@ -249,7 +250,7 @@ class AQLM(VQMethod):
                      max_codebooks=">= 1", max_codebook_bits=">= 1", max_group_size=">= 1", kmeans_iters=">= 1",
                      steps_per_epoch=">= 0", max_epochs=">= 0", relative_mse_tolerance="in [0, 1)", beam_size=">= 1",
                      ft_epochs=">= 0", ft_batch_size=">= 1", val_fraction="in [0, 1)", pv_epochs=">= 0",
-                     pv_batch_size=">= 1", max_code_change_per_step="in (0, 1]", pv_update_period=">= 1",
+                     pv_batch_size=">= 1", max_code_change_per_step="in (0, 1]", pv_update_period=">= 1", pv_teacher_topk=">= 0",
                      pv_beam_size=">= 1", lr=">= 0", ft_lr=">= 0", pv_lr=">= 0", pv_code_lr=">= 0")
         if cfg.codebook_bits > 24 or cfg.max_codebook_bits > 24:
             raise ConfigError(f"{self.name}: codebooks of more than 2^24 entries are not supported")
@@ -373,7 +374,8 @@ class AQLM(VQMethod):
         tc = TrainConfig(epochs=cfg.pv_epochs, batch_size=cfg.pv_batch_size, val_fraction=cfg.val_fraction,
                          min_lr_ratio=cfg.pv_min_lr_ratio, keep_best=True, seed=cfg.seed)
         try:
-            res = distill_model(model, calib_ids, pgs, tc, teacher=teacher.model, desc="aqlm pv", on_step=hook)
+            res = distill_model(model, calib_ids, pgs, tc, teacher=teacher.model, device=teacher.device, desc="aqlm pv",
+                                on_step=hook, **teacher_targets_args(cfg.pv_teacher_topk))
         finally:
             stored_mode(layers.values())
         moved = sum(int((_codes(q) != start[n]).any(-1).sum()) for n, q in layers.items())
@@ -381,6 +383,7 @@ class AQLM(VQMethod):
         self.pv = {"kl_before": res["train_before"], "kl_after": res["train_after"], "val_kl_before": res["val_before"],
                    "val_kl_after": res["val_after"], "best_epoch": res["best_epoch"], "steps": res["steps"],
                    "seconds": res["seconds"], "history": res["history"], "code_updates": counts["updates"],
+                   "teacher_targets": res["teacher_targets"], "teacher_targets_mb": res["teacher_targets_mb"],
                    "max_change_fraction_per_update": counts["max_fraction"], "allowed_fraction": counts["cap"],
                    "mean_change_rate": sum(counts["rates"]) / max(len(counts["rates"]), 1),
                    "final_code_change": moved / max(n_groups, 1), "trainable_params": frac["trainable"],

@@ -38,7 +38,7 @@ log = logging.getLogger(__name__)
 
 
 def quantize_blockwise(model: nn.Module, calib_ids: torch.Tensor, method: Method, *, batch_size: int = 8,
-                       resume_dir: Path | None = None, cache=None, progress: bool = True,
+                       resume_dir: Path | None = None, save_resume: bool = True, cache=None, progress: bool = True,
                        device: torch.device | None = None) -> dict:
     """Quantize every decoder block of `model` in place, then run the method's end-to-end
     stage; returns per-layer stats. The model stays where it is (host memory); with `device`
@@ -47,12 +47,13 @@ def quantize_blockwise(model: nn.Module, calib_ids: torch.Tensor, method: Method
     layers = decoder_layers(model)
     inputs = capture_inputs(model, calib_ids, batch_size, device)
     request = method.teacher_request()
-    teacher = Teacher(model, inputs, request) if request is not None else None
+    teacher = Teacher(model, inputs, request, device) if request is not None else None
     method.prepare(model, inputs, teacher)
     stats: dict = {"layers": {}, "blocks": {}, "resumed_blocks": 0}
     start = 0
     if resume_dir is not None:
-        resume_dir.mkdir(parents=True, exist_ok=True)
+        if save_resume:  # else (a torchrun rank other than 0) only read, what rank 0 saved
+            resume_dir.mkdir(parents=True, exist_ok=True)
         start = _resume(layers, inputs, resume_dir, stats)
     bar = tqdm(range(len(layers)), desc=f"quantize[{method.name}]", disable=not progress, initial=start)
     for b in range(start, len(layers)):
@@ -60,7 +61,7 @@ def quantize_blockwise(model: nn.Module, calib_ids: torch.Tensor, method: Method
         t0 = time.time()
         with on_device(layers[b], device) as block:
             _quantize_block(b, block, model, method, inputs, teacher, stats, cache)
-        if resume_dir is not None:
+        if resume_dir is not None and save_resume:
             _save_block(layers[b], inputs.hidden, stats, resume_dir, b)
         bar.update(1)
         bar.set_postfix(block=b, s=f"{time.time() - t0:.1f}")

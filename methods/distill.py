@@ -10,10 +10,16 @@ whatever the caller picked (the block loop gives the full-precision block's outp
 same inputs). Loss: the mean squared error of the block outputs. Memory: one block plus its
 activations; no gradient ever leaves the block.
 
-End-to-end (`distill_model`): the student is the whole model; the loss is the KL divergence
-KL(teacher ‖ student) of the next-token distributions at every position of the calibration
-windows, with the teacher's log-probabilities computed once (`teacher_logprobs`, fp16) or,
-when they would not fit in `max_cache_mb`, on the fly by a teacher module.
+End-to-end (`distill_model`): the student is the whole model, on `device` for the stage; the
+loss is the KL divergence KL(teacher ‖ student) of the next-token distributions at every
+position of the calibration windows. The teacher's log-probabilities are computed once, before
+training, block by block on the device (`teacher_logprobs`: the FP teacher and the student are
+never on the device together, and the teacher never whole), and kept in host memory: the full
+distribution in fp16 when it fits in `max_cache_mb`, otherwise its top `topk` log-probs per
+position (for Llama-2-7B, 128 x 2048 windows: 268 GB full, 0.27 GB at k = 128), with the KL
+taken over those k tokens plus one bucket for the rest of the vocabulary (the exact KL of the
+two distributions coarsened to k + 1 outcomes: a lower bound of the full KL, equal to it when
+the teacher's tail is empty).
 
 Both loops: the calibration windows are split once into training and held-out windows
 (`val_fraction`, the last windows after a seeded shuffle), Adam on the given parameter groups
@@ -44,7 +50,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ttvq_methods.model_walk import block_kwargs, block_output, module_device, to_device
+from ttvq_methods.model_walk import (block_kwargs, block_output, capture_inputs, decoder_layers, module_device,
+                                    on_device, run_block, to_device)
 
 log = logging.getLogger(__name__)
 
@@ -212,7 +219,7 @@ def _backward(step_loss: Callable[[torch.Tensor], torch.Tensor], sel: torch.Tens
     loss.backward()
     # A parameter no process's share reached keeps no gradient (Adam skips it, as it would in
     # one process); the others are summed, every process reducing every one in the same order.
-    reached = torch.tensor([float(p.grad is not None) for p in params])
+    reached = torch.tensor([float(p.grad is not None) for p in params], device=params[0].device)  # NCCL: on the GPU
     dist.all_reduce(reached)
     for p, n in zip(params, reached.tolist()):
         if n == 0:
@@ -298,79 +305,137 @@ def _logits(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
     return model(input_ids=ids, use_cache=False).logits
 
 
+TOPK = 128  # teacher log-probs kept per position when the full distribution does not fit
+
+
+def teacher_targets_args(topk: int) -> dict:
+    """distill_model's arguments for a method's `*_teacher_topk` knob (0: automatic)."""
+    return {} if topk == 0 else {"max_cache_mb": 0.0, "topk": topk}
+
+
+@dataclass
+class TeacherTargets:
+    """The teacher's next-token log-probs of some windows, in host memory: the full
+    distribution (`indices` None) or its top-k per position (`indices`: their token ids)."""
+
+    logprobs: torch.Tensor  # (n, seqlen, vocab) or (n, seqlen, k)
+    indices: torch.Tensor | None = None  # (n, seqlen, k) int32
+
+    def __getitem__(self, b) -> "TeacherTargets":
+        return TeacherTargets(self.logprobs[b], None if self.indices is None else self.indices[b])
+
+    def to(self, device) -> "TeacherTargets":
+        return TeacherTargets(self.logprobs.to(device), None if self.indices is None else self.indices.to(device))
+
+    @property
+    def mb(self) -> float:
+        return sum(t.numel() * t.element_size() for t in (self.logprobs, self.indices) if t is not None) / 2**20
+
+
 @torch.no_grad()
-def teacher_logprobs(teacher: nn.Module, ids: torch.Tensor, batch_size: int = 8,
-                     dtype: torch.dtype = torch.float16) -> torch.Tensor:
-    """log softmax of the teacher's logits on every window, (n, seqlen, vocab) in `dtype`."""
+def teacher_logprobs(teacher: nn.Module, ids: torch.Tensor, batch_size: int = 8, dtype: torch.dtype = torch.float16,
+                     *, device: torch.device | None = None, topk: int = 0) -> TeacherTargets:
+    """log softmax of the teacher's logits on every window, computed block by block with each
+    block on `device` (None: where the teacher is) and the activations in host memory: the full
+    distribution in `dtype`, or with `topk` > 0 the top-k log-probs (fp32) and their token ids."""
     was = teacher.training
     teacher.eval()
-    out = [F.log_softmax(_logits(teacher, ids[i : i + batch_size]).float(), -1).to(dtype)
-           for i in range(0, len(ids), batch_size)]
-    teacher.train(was)
-    return torch.cat(out)
+    try:
+        inputs = capture_inputs(teacher, ids, batch_size, device)
+        h = inputs.hidden
+        for block in decoder_layers(teacher):
+            with on_device(block, device) as blk:
+                h = run_block(blk, inputs.with_hidden(h))
+        vals, idx = [], []
+        with on_device(teacher.model.norm, device) as norm, on_device(teacher.get_output_embeddings(), device) as head:
+            dev = module_device(head)
+            for i in range(0, len(h), batch_size):
+                lp = F.log_softmax(head(norm(h[i : i + batch_size].to(dev))).float(), -1)
+                if topk:
+                    v, ix = lp.topk(min(topk, lp.shape[-1]), -1)
+                    vals.append(v.cpu())
+                    idx.append(ix.int().cpu())
+                else:
+                    vals.append(lp.to(dtype).cpu())
+    finally:
+        teacher.train(was)
+    return TeacherTargets(torch.cat(vals), torch.cat(idx) if topk else None)
 
 
-def kl_loss(student_logits: torch.Tensor, teacher_lp: torch.Tensor) -> torch.Tensor:
-    """Mean over positions of KL(teacher ‖ student). The teacher's log-probs are renormalised
-    (they may be stored in fp16)."""
+def _log1mexp(x: torch.Tensor) -> torch.Tensor:
+    """log(1 - exp(x)) for x <= 0, accurate on both ends."""
+    x = x.clamp_max(-1e-12)
+    return torch.where(x > -0.6931, torch.log(-torch.expm1(x)), torch.log1p(-torch.exp(x)))
+
+
+def kl_loss(student_logits: torch.Tensor, target: "torch.Tensor | TeacherTargets") -> torch.Tensor:
+    """Mean over positions of KL(teacher ‖ student). Full teacher log-probs (a tensor, or
+    TeacherTargets without indices) are renormalised (they may be stored in fp16); top-k ones
+    give the KL over the k tokens plus the bucket of the rest of the vocabulary."""
+    if isinstance(target, TeacherTargets) and target.indices is None:
+        target = target.logprobs
     s = F.log_softmax(student_logits.float(), -1)
-    t = F.log_softmax(teacher_lp.float(), -1)
-    return (t.exp() * (t - s)).sum(-1).mean()
+    if not isinstance(target, TeacherTargets):
+        t = F.log_softmax(target.float(), -1)
+        return (t.exp() * (t - s)).sum(-1).mean()
+    t = target.logprobs.float()
+    s_k = s.gather(-1, target.indices.long())
+    p_rest = (-torch.expm1(torch.logsumexp(t, -1))).clamp_min(0)  # the teacher's mass outside its top-k
+    s_rest = _log1mexp(torch.logsumexp(s_k, -1)).clamp_min(-80.0)
+    kl = (t.exp() * (t - s_k)).sum(-1) + torch.xlogy(p_rest, p_rest) - p_rest * s_rest
+    return kl.mean()
 
 
 def distill_model(student: nn.Module, ids: torch.Tensor, param_groups: list[dict], tc: TrainConfig, *,
-                  teacher: nn.Module | None = None, teacher_lp: torch.Tensor | None = None,
-                  max_cache_mb: float = 2048, on_step: Callable[[int], None] | None = None,
-                  on_epoch: Callable[[int], None] | None = None, state: Callable[[], list[torch.Tensor]] | None = None,
-                  desc: str = "e2e") -> dict:
+                  teacher: nn.Module | None = None, teacher_lp: TeacherTargets | None = None,
+                  device: torch.device | None = None, max_cache_mb: float = 2048, topk: int = TOPK,
+                  on_step: Callable[[int], None] | None = None, on_epoch: Callable[[int], None] | None = None,
+                  state: Callable[[], list[torch.Tensor]] | None = None, desc: str = "e2e") -> dict:
     """Train `param_groups` of `student` to match the teacher's next-token distributions
-    (KL) on the calibration windows `ids` (n, seqlen). Give the teacher module or its
-    precomputed log-probs."""
+    (KL) on the calibration windows `ids` (n, seqlen), the student on `device` for the stage
+    (None: where it is). Give the teacher module or its precomputed log-probs."""
     tr_idx, va_idx = split_windows(len(ids), tc.val_fraction, tc.seed)
     if teacher_lp is None:
         if teacher is None:
             raise ValueError("distill_model needs a teacher module or teacher log-probs")
-        mb = ids.numel() * _vocab(teacher, ids) * 2 / 2**20
-        if mb <= max_cache_mb:
-            teacher_lp = teacher_logprobs(teacher, ids, tc.batch_size)
+        full_mb = ids.numel() * _vocab(teacher, ids) * 2 / 2**20
+        teacher_lp = teacher_logprobs(teacher, ids, tc.batch_size, device=device,
+                                      topk=0 if full_mb <= max_cache_mb else topk)
+    with on_device(student, device):
+        dev = module_device(student)
 
-    def target(b):
-        if teacher_lp is not None:
-            return teacher_lp[b]
-        with torch.no_grad():
-            return F.log_softmax(_logits(teacher, ids[b]).float(), -1)
+        def step_loss(sel):
+            b = tr_idx[sel]
+            return kl_loss(_logits(student, ids[b].to(dev)), teacher_lp[b].to(dev))
 
-    params = _param_list(param_groups)
-    was_training = student.training
-    student.train()
+        @torch.no_grad()
+        def mean_kl(idx):
+            if idx.numel() == 0:
+                return float("nan")
+            tot = 0.0
+            for s in range(0, idx.numel(), tc.batch_size):
+                b = idx[s : s + tc.batch_size]
+                tot += float(kl_loss(_logits(student, ids[b].to(dev)), teacher_lp[b].to(dev))) * len(b)
+            return tot / idx.numel()
 
-    def step_loss(sel):
-        b = tr_idx[sel]
-        return kl_loss(_logits(student, ids[b]), target(b))
+        def eval_loss():
+            student.eval()
+            try:
+                return mean_kl(tr_idx), mean_kl(va_idx)
+            finally:
+                student.train()
 
-    @torch.no_grad()
-    def mean_kl(idx):
-        if idx.numel() == 0:
-            return float("nan")
-        tot = 0.0
-        for s in range(0, idx.numel(), tc.batch_size):
-            b = idx[s : s + tc.batch_size]
-            tot += float(kl_loss(_logits(student, ids[b]), target(b))) * len(b)
-        return tot / idx.numel()
-
-    def eval_loss():
-        student.eval()
+        params = _param_list(param_groups)
+        was_training = student.training
+        student.train()
         try:
-            return mean_kl(tr_idx), mean_kl(va_idx)
+            res = _train(student, param_groups, len(tr_idx), step_loss, eval_loss, tc,
+                         state or _default_state(student, params), on_step, on_epoch, desc)
         finally:
-            student.train()
-
-    try:
-        res = _train(student, param_groups, len(tr_idx), step_loss, eval_loss, tc,
-                     state or _default_state(student, params), on_step, on_epoch, desc)
-    finally:
-        student.train(was_training)
-    res.update(n_train=int(tr_idx.numel()), n_val=int(va_idx.numel()), teacher_cached=teacher_lp is not None)
+            student.train(was_training)
+    res.update(n_train=int(tr_idx.numel()), n_val=int(va_idx.numel()),
+               teacher_targets="full" if teacher_lp.indices is None else f"top{teacher_lp.logprobs.shape[-1]}",
+               teacher_targets_mb=round(teacher_lp.mb, 1))
     return res
 
 

@@ -83,8 +83,10 @@ class SyntheticWindows:
 
 
 class Teacher:
-    def __init__(self, model: nn.Module, inputs: BlockInputs, request: TeacherRequest):
+    def __init__(self, model: nn.Module, inputs: BlockInputs, request: TeacherRequest,
+                 device: torch.device | None = None):
         self.request = request
+        self.device = device  # where the block loop runs; the end-to-end stages run there too
         self._hidden: list[torch.Tensor] | None = None
         if request.trajectory:
             hs = [inputs.hidden]

@@ -18,7 +18,7 @@ from torch import nn
 from ttvq_bench.choices import Choice
 from ttvq_bench.errors import ConfigError
 from ttvq_methods.base import BlockContext, Method, TeacherRequest, VQMethod, check_ranges, make_config
-from ttvq_methods.distill import TrainConfig, distill_block, distill_model, trainable_fraction
+from ttvq_methods.distill import TrainConfig, distill_block, distill_model, teacher_targets_args, trainable_fraction
 from ttvq_methods.model_walk import decoder_layers, layer_name, modules_of, norm_params, run_block, unique_param_count
 from ttvq_methods.registry import METHODS
 from ttvq_methods.vq.index_updates import IndexUpdates
@@ -46,6 +46,10 @@ class BlockInput(Choice):  # quantized: outputs of the quantized blocks before; 
 
 class BlockTarget(Choice):  # model: the FP model's hidden state after the block; block: FP block(student inputs)
     model, block = "model", "block"
+
+
+class PeftLatentStart(Choice):  # block: the block stage's trained latents; quantized: Ŵ (PV's delta_decay 0)
+    block, quantized = "block", "quantized"
 
 
 class PeftParam(Choice):
@@ -92,10 +96,12 @@ class TTVQConfig:
     peft_lr_lora: float = 1e-4
     peft_latent: bool = False  # beyond the paper, not parameter-efficient: latents + indices train end to end
     peft_lr_latent: float = 1e-3
+    peft_latent_start: PeftLatentStart = PeftLatentStart.block
     # peft_latent's index updates (0: as in stage 1). PV-tuning's rule is period 1, fraction 0.01:
     # every step, only the vectors that gain most (docs/methods/aqlm.md).
     peft_update_period: int = 0
     peft_update_fraction: float = 0.0
+    peft_teacher_topk: int = 0  # 0: the teacher's full distribution when it fits in 2 GB, else its top 128; k: top k
     # -- both stages -------------------------------------------------------------------------------
     synthetic_windows: int = 0  # extra windows sampled from the FP model (data-free KD)
     synthetic_temperature: float = 1.0
@@ -112,7 +118,7 @@ class TTVQ(Method):
     def __init__(self, cfg: TTVQConfig, bits: int):
         super().__init__(cfg, bits)
         check_ranges(cfg, "ttvq", update_period=">= 1", update_fraction="in (0, 1]", val_fraction="in [0, 1)",
-                     peft_update_period=">= 0", peft_update_fraction="in [0, 1)",
+                     peft_update_period=">= 0", peft_teacher_topk=">= 0", peft_update_fraction="in [0, 1)",
                      synthetic_temperature="> 0", block_epochs=">= 0", peft_epochs=">= 0", lora_rank=">= 0",
                      synthetic_windows=">= 0", block_batch_size=">= 1", peft_batch_size=">= 1")
         cls = METHODS.get(cfg.init)
@@ -247,7 +253,7 @@ class TTVQ(Method):
             if any(w is None for w in latents.values()):
                 raise ConfigError("ttvq: peft_latent needs every layer's latent (not kept across a resume)")
         train_mode(layers, latents, lora_rank=cfg.lora_rank, seed=cfg.seed)
-        if latent and cfg.index_update == "gradient":
+        if latent and (cfg.index_update == "gradient" or cfg.peft_latent_start == "quantized"):
             for q in layers.values():
                 q.reset_latent()
         idx = self._index_updates(layers, active=latent, period=cfg.peft_update_period, fraction=cfg.peft_update_fraction)
@@ -265,12 +271,14 @@ class TTVQ(Method):
         frac = trainable_fraction([p for g in pgs for p in g["params"]], self._n_params)
         ids = calib_ids if teacher.synthetic is None else torch.cat([calib_ids, teacher.synthetic.ids.to(calib_ids.device)])
         res = distill_model(model, ids, pgs, self._train_config(cfg.peft_epochs, cfg.peft_batch_size),
-                            teacher=teacher.model, desc="ttvq peft", on_step=idx.hook)
+                            teacher=teacher.model, device=teacher.device, desc="ttvq peft", on_step=idx.hook,
+                            **teacher_targets_args(cfg.peft_teacher_topk))
         stored_mode(layers.values())
         self._report["peft"] = {
             **_losses(res, "kl"), "trainable_params": frac["trainable"], "total_params": frac["total"],
             "trainable_fraction": frac["fraction"], "params": sorted(sel), "lora_rank": cfg.lora_rank,
-            "n_train_windows": res["n_train"], "n_val_windows": res["n_val"], "latent": latent, **idx.summary()}
+            "n_train_windows": res["n_train"], "n_val_windows": res["n_val"], "latent": latent, **idx.summary(),
+            "teacher_targets": res["teacher_targets"], "teacher_targets_mb": res["teacher_targets_mb"]}
         log.info("ttvq peft: KL %.4g -> %.4g (val %.4g -> %.4g), %d trainable params (%.3f%%), %.1fs",
                  res["train_before"], res["train_after"], res["val_before"], res["val_after"],
                  frac["trainable"], 100 * frac["fraction"], res["seconds"])

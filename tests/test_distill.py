@@ -1,13 +1,15 @@
 """methods/distill.py on small random Llama models: block-wise MSE distillation lowers the
 held-out error and leaves untrained parameters alone, keep-best never ends worse than the
-start, end-to-end KL distillation (cached or online teacher) lowers the KL, and the helpers."""
+start, end-to-end KL distillation (full or top-k teacher targets) lowers the KL, the streamed
+teacher equals the model's own forward, the top-k KL is the full one's lower bound, and the
+helpers."""
 import copy
 
 import pytest
 import torch
 from torch import nn
 
-from ttvq_methods.distill import (TrainConfig, block_mse, distill_block, distill_model, kl_loss,
+from ttvq_methods.distill import (TeacherTargets, TrainConfig, block_mse, distill_block, distill_model, kl_loss,
                                   split_windows, teacher_logprobs, trainable_fraction)
 from ttvq_methods.model_walk import block_kwargs, capture_inputs, run_block
 
@@ -110,8 +112,8 @@ def test_on_step_hook_called_every_step():
     assert steps == list(range(1, 3 * 3 + 1))
 
 
-@pytest.mark.parametrize("cached", [True, False])
-def test_distill_model_lowers_kl(cached):
+@pytest.mark.parametrize("targets", ["full", "top8"])
+def test_distill_model_lowers_kl(targets):
     teacher = small_llama(seed=0)
     student = copy.deepcopy(teacher)
     with torch.no_grad():
@@ -122,8 +124,8 @@ def test_distill_model_lowers_kl(cached):
     emb = student.model.embed_tokens.weight.detach().clone()
     x = ids(20, 32)
     res = distill_model(student, x, [{"params": norms, "lr": 3e-2}], TrainConfig(epochs=6, batch_size=4, val_fraction=0.2),
-                        teacher=teacher, max_cache_mb=1e9 if cached else 0)
-    assert res["teacher_cached"] is cached
+                        teacher=teacher, max_cache_mb=1e9 if targets == "full" else 0, topk=8)
+    assert res["teacher_targets"] == targets
     assert res["val_after"] < 0.5 * res["val_before"], res
     assert torch.equal(student.model.embed_tokens.weight, emb)
     frac = trainable_fraction(norms, sum(p.numel() for p in teacher.parameters()))
@@ -134,9 +136,44 @@ def test_kl_loss_zero_for_same_model():
     m = small_llama()
     x = ids(4, 16)
     lp = teacher_logprobs(m, x, 2)
-    assert lp.dtype == torch.float16
+    assert lp.logprobs.dtype == torch.float16 and lp.indices is None
     with torch.no_grad():
         assert float(kl_loss(m(input_ids=x).logits, lp)) == pytest.approx(0.0, abs=1e-4)
+
+
+def test_streamed_teacher_equals_the_models_forward():
+    """Block by block (what keeps a big teacher off the device whole) is the model's forward."""
+    m = small_llama(layers=3)
+    x = ids(6, 16)
+    with torch.no_grad():
+        ref = torch.log_softmax(m(input_ids=x).logits.float(), -1)
+    full = teacher_logprobs(m, x, 4, torch.float32)
+    assert (full.logprobs - ref).abs().max() < 1e-5
+    top = teacher_logprobs(m, x, 4, topk=5)
+    assert top.logprobs.shape == (6, 16, 5) and top.indices.dtype == torch.int32
+    assert torch.equal(top.indices.long(), ref.topk(5, -1).indices)
+    assert (top.logprobs - ref.topk(5, -1).values).abs().max() < 1e-5
+
+
+def test_topk_kl_is_the_full_kl_coarsened():
+    """KL over the teacher's top k plus one bucket for the rest: equal to the full KL when k
+    is the vocabulary, a lower bound below it, zero for the teacher itself, finite gradients."""
+    g = torch.Generator().manual_seed(0)
+    t_logits, s_logits = 2 * torch.randn(3, 7, 64, generator=g), 2 * torch.randn(3, 7, 64, generator=g)
+    t_lp = torch.log_softmax(t_logits, -1)
+    full = float(kl_loss(s_logits, t_lp))
+
+    def top(k):
+        v, ix = t_lp.topk(k, -1)
+        return TeacherTargets(v, ix.int())
+
+    assert float(kl_loss(s_logits, top(64))) == pytest.approx(full, rel=1e-5)
+    coarse = [float(kl_loss(s_logits, top(k))) for k in (1, 4, 16, 48)]
+    assert all(0 <= c <= full + 1e-6 for c in coarse) and coarse[-1] > 0.8 * full, (coarse, full)
+    assert float(kl_loss(t_logits, top(8))) == pytest.approx(0.0, abs=1e-5)
+    s = s_logits.clone().requires_grad_(True)
+    kl_loss(s, top(8)).backward()
+    assert torch.isfinite(s.grad).all() and s.grad.abs().sum() > 0
 
 
 def test_sample_windows_seeded_from_bos():

@@ -312,3 +312,21 @@ def test_synthetic_windows_join_both_stages(tiny_ttvq):
     assert rep["synthetic"]["windows"] == 4
     assert rep["peft"]["n_train_windows"] + rep["peft"]["n_val_windows"] == len(calib) + 4
     assert all(r["val_mse_after"] < r["val_mse_before"] for r in rep["blocks"].values())
+
+
+@pytest.mark.parametrize("start", ["block", "quantized"])
+def test_peft_latents_start_where_asked(tiny_ttvq, monkeypatch, start):
+    """peft_latent: stage 2's latents start at the block stage's trained latents (away from Ŵ)
+    or at Ŵ itself (PV-tuning's start)."""
+    import ttvq_methods.ttvq as ttvq_module
+
+    gaps, real = [], ttvq_module.distill_model
+
+    def spy(model, *a, **k):  # the latents as stage 2's training loop receives them
+        gaps.extend(float((q.latent_weight() - q.dequantize().detach()).abs().max()) for q in modules_of(model, VQLinear).values())
+        return real(model, *a, **k)
+
+    monkeypatch.setattr(ttvq_module, "distill_model", spy)
+    tiny_ttvq("method.init=kmeans", "method.peft_latent=true", f"method.peft_latent_start={start}")
+    assert len(gaps) == 14
+    assert (min(gaps) > 1e-3) if start == "block" else (max(gaps) < 1e-6), gaps
