@@ -53,6 +53,23 @@ def tiny_cache(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("cache")
 
 
+def cache_with_tiny_model(tiny_cache: Path, dest: Path) -> Path:
+    """A cache directory of its own holding the session's tiny model (trained once, copied)."""
+    import shutil
+    import subprocess
+    import sys
+
+    from ttvq_bench.models.tiny import CACHE_KIND
+
+    src = Path(tiny_cache) / CACHE_KIND
+    if not src.exists():
+        assert subprocess.run([sys.executable, "-m", "ttvq_bench", *TINY, "method=fp16", f"cache_dir={tiny_cache}",
+                               f"results_dir={dest.parent / 'warm'}", f"hydra.run.dir={dest.parent / 'warm'}"],
+                              cwd=ROOT, capture_output=True, timeout=600).returncode == 0
+    shutil.copytree(src, dest / CACHE_KIND)
+    return dest
+
+
 @pytest.fixture
 def compose():
     from hydra import compose as hcompose

@@ -1,11 +1,18 @@
 """Data-parallel distillation (methods/distill.py) on CPU: two gloo processes give what one
-process gives, within floating-point noise, for the block-wise and the end-to-end loop."""
+process gives, within floating-point noise, for the block-wise and the end-to-end loop; and a
+whole job under torchrun (ttvq_bench/distributed.py): rank 0 alone writes, one record."""
 from __future__ import annotations
+
+import json
+import subprocess
+import sys
 
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from conftest import ROOT, TINY, cache_with_tiny_model
+from ttvq_bench.record.results import read_runs
 from ttvq_methods.distill import TrainConfig, distill_block, distill_model
 from ttvq_methods.model_walk import capture_inputs, decoder_layers, run_block
 
@@ -91,3 +98,37 @@ def test_end_to_end_distillation_two_processes_match_one(tmp_path, one_thread):
     one = _train("e2e")
     two = _two_processes(tmp_path, "e2e")
     assert _compare(one, two) < 1e-4, _compare(one, two)
+
+
+# TTVQ small enough for seconds per job, from a k-means init that both stages improve on.
+TTVQ = ["method=ttvq", "bits=2", "method.init=kmeans", "+method.init_args.kmeans.kmeans_iters=10", "method.block_epochs=2",
+        "method.peft_epochs=2", "method.block_batch_size=4", "method.peft_batch_size=4", "method.val_fraction=0.25"]
+
+
+def _job(tmp_path, tiny_cache, name: str, launcher: list[str]):
+    cache = cache_with_tiny_model(tiny_cache, tmp_path / f"cache_{name}")
+    cmd = [sys.executable, *launcher, "-m", "ttvq_bench", *TINY, *TTVQ, f"cache_dir={cache}", "threads=1",
+           f"results_dir={tmp_path / name}", f"hydra.run.dir={tmp_path / name / 'run'}", "logger.progress=false"]
+    p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert p.returncode == 0, (p.stdout + p.stderr)[-3000:]
+    return read_runs(tmp_path / name), cache
+
+
+def test_torchrun_job_two_processes_match_one(tmp_path, tiny_cache):
+    """`torchrun --nproc_per_node 2 -m ttvq_bench ...` on CPU (gloo): one ok record, written by
+    rank 0, naming the group; the same checkpoint key and, within noise, the same figures as
+    one process (the minibatch gradients are summed in another order); no private entry of
+    rank 1 in the shared cache."""
+    one, _ = _job(tmp_path, tiny_cache, "one", [])
+    two, cache = _job(tmp_path, tiny_cache, "two", ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"])
+    assert [r["status"] for r in one] == ["ok"] and [r["status"] for r in two] == ["ok"]
+    a, b = one[0], two[0]
+    assert b["device"]["distributed"] == {"world_size": 2, "backend": "gloo"} and "distributed" not in a["device"]
+    assert a["run_id"] == b["run_id"] and a["checkpoint_key"] == b["checkpoint_key"] and a["bpw"] == b["bpw"]
+    corpus = next(iter(a["ppl"]))
+    assert abs(b["ppl"][corpus] / a["ppl"][corpus] - 1) < 0.01, (a["ppl"], b["ppl"])
+    peft_a, peft_b = (r["quantize"]["method_report"]["peft"] for r in (a, b))
+    assert peft_a["steps"] == peft_b["steps"] > 0 and peft_a["best_epoch"] > 0  # both stages trained something
+    assert all(blk["best_epoch"] > 0 for blk in a["quantize"]["method_report"]["blocks"].values())
+    assert abs(peft_b["kl_after"] / peft_a["kl_after"] - 1) < 0.05, (peft_a["kl_after"], peft_b["kl_after"])
+    assert not any(p.name.startswith("ttvq-private") for p in cache.rglob("*"))

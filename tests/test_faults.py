@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import ROOT, TINY
+from conftest import ROOT, TINY, cache_with_tiny_model
 from ttvq_bench.record.results import read_runs
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -57,18 +57,7 @@ def layer_errs(rec: dict) -> dict:
 @pytest.fixture
 def cache(tmp_path, tiny_cache):
     """A cache of its own per test (the tiny model copied in, not retrained)."""
-    import shutil
-
-    from ttvq_bench.models.tiny import CACHE_KIND
-
-    c = tmp_path / "cache"
-    src = Path(tiny_cache) / CACHE_KIND
-    if not src.exists():  # the session's tiny model, trained once
-        assert subprocess.run([sys.executable, "-m", "ttvq_bench", *TINY, "method=fp16", f"cache_dir={tiny_cache}",
-                               f"results_dir={tmp_path / 'warm'}", f"hydra.run.dir={tmp_path / 'warm'}"],
-                              cwd=ROOT, capture_output=True, timeout=600).returncode == 0
-    shutil.copytree(src, c / CACHE_KIND)
-    return c
+    return cache_with_tiny_model(tiny_cache, tmp_path / "cache")
 
 
 # -- kill -9 at every stage, then rerun: bit-identical to an uninterrupted run -------------------

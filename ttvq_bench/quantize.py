@@ -127,7 +127,7 @@ class Quantization:
             with cache.writing("quantized", key) as tmp:
                 sha = save_module_state(lm.model, tmp / "model.safetensors", cfg.model.storage_dtype, extra=extra)
             path = str(cache.path("quantized", key) / "model.safetensors")
-        if body["resume"] is not None:
+        if body["resume"] is not None and not cache.read_only:
             shutil.rmtree(body["resume"], ignore_errors=True)
         return {"source": "quantized", "checkpoint": path, "content_sha": sha, "resumed_blocks": body["resumed_blocks"],
                 **({"body": body["reuse"]} if body["reuse"] else {}), **report}
@@ -174,10 +174,10 @@ class Quantization:
             return {**body, **res, "reuse": {"source": "quantized", "key": body_key}}
 
     def _quantize_body(self, cfg, lm, cache, calib, resume_key, progress, device) -> dict:
-        resume = cache.root / "work" / resume_key  # per-block progress of this exact quantization
+        resume = cache.work_dir(resume_key)  # per-block progress of this exact quantization
         stats = quantize_blockwise(lm.model, calib, self.method, batch_size=cfg.eval.ppl.batch_size,
-                                   resume_dir=resume if cache.enabled else None, cache=cache, progress=progress,
-                                   device=device)
+                                   resume_dir=resume if cache.enabled else None, save_resume=not cache.read_only,
+                                   cache=cache, progress=progress, device=device)
         return {"layers": stats["layers"], "block_seconds": stats.get("blocks", {}), "method_report": self.method.report(),
                 "resumed_blocks": stats["resumed_blocks"], "resume": resume}
 

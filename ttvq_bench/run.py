@@ -12,6 +12,7 @@ import logging
 import os
 import resource
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -19,6 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from ttvq_bench.config import validate
 from ttvq_bench.device import resolve_device, resolve_dtype
+from ttvq_bench.distributed import barrier, is_writer, join
 from ttvq_bench.errors import ConfigError
 from ttvq_bench.faults import fault_point
 from ttvq_bench.evaluate.protocol import Evaluation
@@ -59,10 +61,11 @@ def run_job(cfg: DictConfig, output_dir: str | Path) -> dict:
                     **({"cache_dir": Path(cfg.cache_dir)} if cfg.cache else {})})
     torch.manual_seed(cfg.seed)
     torch.set_num_threads(cfg.threads or default_threads())
-    device = resolve_device(cfg.device)
+    device, group = join(resolve_device(cfg.device))  # a torchrun job: this process's GPU and group
+    writer = is_writer()  # rank 0 of a torchrun job writes (cache, checkpoint, record), the others compute
     cfg.model.dtype = resolve_dtype(cfg.model.dtype, device)  # recorded as what ran
     progress = cfg.logger.progress
-    cache = Cache(cfg.cache_dir, enabled=cfg.cache)
+    cache = Cache(cfg.cache_dir, enabled=cfg.cache, read_only=not writer)
     cache.clean_tmp()
     q = Quantization.resolve(cfg)  # the method (it rejects bits it cannot do), or a checkpoint's identity
 
@@ -73,7 +76,8 @@ def run_job(cfg: DictConfig, output_dir: str | Path) -> dict:
     _check_context(cfg, lm, q)
     round_to_storage(lm.model, cfg.model.storage_dtype)
     run_id, defining = run_identity(cfg, lm, q)
-    with file_lock(Path(cfg.results_dir) / ".locks" / f"{run_id}.lock", what=f"run {run_id}"):
+    # (rank 0 of a torchrun job holds the lock for its whole group)
+    with file_lock(Path(cfg.results_dir) / ".locks" / f"{run_id}.lock", what=f"run {run_id}") if writer else nullcontext():
         if not cfg.force and (done := find_ok(cfg.results_dir, run_id)):
             log.info("skip: run_id %s already has an ok record (force=true to rerun)", run_id)
             write_json_atomic(output_dir / "result.json", done)
@@ -81,7 +85,9 @@ def run_job(cfg: DictConfig, output_dir: str | Path) -> dict:
             log_skipped(cfg.logger.wandb, _wandb_config(cfg), output_dir, done, _sweep_name(cfg))
             return done
         record = _base_record(cfg, lm, q, run_id, defining)
-        wb = WandbRun(cfg.logger.wandb, _wandb_config(cfg), output_dir, record["sweep"], record)
+        record["device"].update(compute=str(device), **({"distributed": group} if group else {}))
+        wcfg = cfg.logger.wandb if writer else OmegaConf.create({"mode": "disabled"})
+        wb = WandbRun(wcfg, _wandb_config(cfg), output_dir, record["sweep"], record)
         try:
             evaluation = Evaluation(cfg, lm, cache, lambda: _fp_model(cfg, cache), device)
             evaluation.take_fp_reference()  # of the model as loaded, before it is quantized
@@ -104,7 +110,9 @@ def run_job(cfg: DictConfig, output_dir: str | Path) -> dict:
             record.update(status="failed", error=f"{type(e).__name__}: {e}")
             raise
         finally:
-            _finish(record, cfg, output_dir, wb, t_start)
+            if writer:
+                _finish(record, cfg, output_dir, wb, t_start)
+            barrier()  # the group ends together, after rank 0 wrote the record
     log.info("bpw %.4f (model %.4f)  ppl %s  [%s]", record["bpw"], record["bpw_model"], record["ppl"], run_id)
     log.info("done: run dir %s, checkpoint %s, record %s/runs.jsonl (run_id %s)", output_dir,
              record["quantize"].get("checkpoint"), cfg.results_dir, run_id)

@@ -10,6 +10,7 @@ of several users) can share one cache.
 """
 from __future__ import annotations
 
+import atexit
 import contextlib
 import hashlib
 import json
@@ -48,12 +49,31 @@ def tmp_prefix(name: str) -> str:
 
 
 class Cache:
-    def __init__(self, root: str | Path, enabled: bool = True):
+    """read_only: a reader that never changes the shared cache (the non-zero ranks of a torchrun
+    job): entries it builds go to a private temporary directory, its locks are no-ops (the
+    writer holds them while the group computes together) and it never discards or cleans."""
+
+    def __init__(self, root: str | Path, enabled: bool = True, read_only: bool = False):
         self.root = Path(root)
         self.enabled = enabled
+        self.read_only = read_only
+        self._private: Path | None = None
+        if read_only:
+            self._private = Path(tempfile.mkdtemp(prefix="ttvq-private-cache-"))
+            atexit.register(shutil.rmtree, self._private, True)
+
+    @property
+    def _write_root(self) -> Path:
+        return self._private if self._private is not None else self.root
 
     def path(self, kind: str, key: str) -> Path:
+        if self._private is not None and (self._private / kind / key).exists():
+            return self._private / kind / key
         return self.root / kind / key
+
+    def work_dir(self, key: str) -> Path:
+        """Per-block resume state of quantization `key` (read by every rank, written by rank 0)."""
+        return self.root / "work" / key
 
     def lookup(self, kind: str, key: str) -> Path | None:
         """The entry's directory if it exists and its files are intact; a damaged entry is
@@ -81,6 +101,8 @@ class Cache:
         if problem is None:
             return entry
         log.warning("cache entry %s/%s is damaged (%s): discarded, building it again", kind, key, problem)
+        if self.read_only and entry != self._private / kind / key:
+            return None  # the writer discards it
         with self._publish_lock(kind):
             if _read_or_none(marker) == manifest:  # not replaced by a good entry meanwhile
                 _discard(entry)
@@ -92,7 +114,7 @@ class Cache:
     @contextlib.contextmanager
     def writing(self, kind: str, key: str) -> Iterator[Path]:
         """Yield a fresh temporary directory; on success it becomes the entry atomically."""
-        final = self.path(kind, key)
+        final = self._write_root / kind / key
         final.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=tmp_prefix(key), dir=final.parent))
         try:
@@ -126,15 +148,19 @@ class Cache:
         return self.path(kind, key)
 
     def _publish_lock(self, kind: str):
-        return file_lock(self.root / "locks" / f"publish-{kind}.lock", what=f"the cache's {kind} entries")
+        return file_lock(self._write_root / "locks" / f"publish-{kind}.lock", what=f"the cache's {kind} entries")
 
     def lock(self, name: str):
         """An exclusive lock shared by every job that uses this cache directory."""
+        if self.read_only:
+            return contextlib.nullcontext()
         return file_lock(self.root / "locks" / f"{name}.lock", what=name)
 
     def clean_tmp(self, older_than_s: float = 24 * 3600) -> int:
         """Remove leftovers of killed writers: temporaries whose process on this host is gone,
         and any older than `older_than_s`. Returns how many."""
+        if self.read_only:
+            return 0
         return clean_tmp(self.root.glob("*/.tmp-*"), older_than_s) + clean_tmp(self.root.glob("*/*/.tmp-*"), older_than_s)
 
 
