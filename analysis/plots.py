@@ -40,6 +40,18 @@ def _safe(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", name)
 
 
+def _wrap(label: str, width: int = 40) -> str:
+    """A long setting (toggles joined by commas) on several legend lines, broken after commas."""
+    lines, cur = [], ""
+    for part in label.split(","):
+        if cur and len(cur) + len(part) + 1 > width:
+            lines.append(cur + ",")
+            cur = part
+        else:
+            cur = f"{cur},{part}" if cur else part
+    return "\n".join(lines + [cur])
+
+
 def _save(fig, out: Path, name: str) -> list[str]:
     paths = []
     for ext in ("png", "pdf"):
@@ -60,7 +72,7 @@ def metric_vs_bpw(t: pd.DataFrame, col: str, ylabel: str, title: str, lower_is_b
         line = ax.plot(g["bpw"], g[col], "-", alpha=0.35)[0]
         ax.scatter(ok["bpw"], ok[col], color=line.get_color(), zorder=3)
         ax.scatter(over["bpw"], over[col], facecolors="none", edgecolors=line.get_color(), linewidths=1.5, zorder=3)
-        ax.plot([], [], "o-", color=line.get_color(), label=lbl)
+        ax.plot([], [], "o-", color=line.get_color(), label=_wrap(lbl))
         for _, r in g.iterrows():
             ax.annotate(f"w{r['bits']}", (r["bpw"], r[col]), textcoords="offset points", xytext=(4, 3), fontsize=7)
     front = quant[pareto_front(quant["bpw"], quant[col], lower_is_better)].sort_values("bpw")
@@ -78,7 +90,7 @@ def metric_vs_bpw(t: pd.DataFrame, col: str, ylabel: str, title: str, lower_is_b
     ax.set_ylabel(ylabel)
     ax.set_title(title, fontsize=10)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1), borderaxespad=0)  # beside, never over, the points
     return fig
 
 
@@ -88,13 +100,13 @@ def speedup_vs_bits(t: pd.DataFrame, title: str):
     fig, ax = plt.subplots(figsize=(6, 4))
     quant = t[(t["bits"] < REFERENCE_BITS) & t["speedup"].notna()]
     for lbl, g in quant.groupby(quant.apply(_label, axis=1), sort=True):
-        ax.plot(g["bits"], g["speedup"], "o-", label=lbl)
+        ax.plot(g["bits"], g["speedup"], "o-", label=_wrap(lbl))
     ax.axhline(1.0, color="gray", linestyle="--", linewidth=1, label="dense reference")
     ax.set_xlabel("bits")
     ax.set_ylabel("decode speed-up over the dense model")
     ax.set_title(title, fontsize=10)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1), borderaxespad=0)  # beside, never over, the points
     return fig
 
 
