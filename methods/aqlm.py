@@ -319,7 +319,8 @@ class AQLM(VQMethod):
             res = distill_block(ctx.block, ctx.inputs.hidden, ctx.targets, ctx.inputs.kwargs_by_bs,
                                 [{"params": params, "lr": cfg.ft_lr}],
                                 TrainConfig(epochs=cfg.ft_epochs, batch_size=cfg.ft_batch_size, val_fraction=cfg.val_fraction,
-                                            min_lr_ratio=1.0, keep_best=True, seed=cfg.seed),
+                                            min_lr_ratio=1.0, keep_best=True, seed=cfg.seed,
+                                            epoch_train_loss=False),  # as the reference: held-out loss per epoch only
                                 desc=f"aqlm finetune block {ctx.index}")
         finally:
             stored_mode(layers.values())

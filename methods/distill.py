@@ -25,9 +25,10 @@ Both loops: the calibration windows are split once into training and held-out wi
 (`val_fraction`, the last windows after a seeded shuffle), Adam on the given parameter groups
 (each group may carry its own lr), a cosine decay of every lr to `min_lr_ratio` of its start,
 shuffled minibatches each epoch, optional gradient-norm clipping, and the held-out loss
-measured before training and after every epoch; `keep_best` restores the state with the
-lowest held-out loss (the state before training included), so a stage never leaves the
-student worse on held-out data than it found it. The returned dict reports the losses before
+measured before training and after every epoch (the training loss too, unless
+`epoch_train_loss` is off); `keep_best` restores the state with the lowest held-out loss (the
+state before training included), so a stage never leaves the student worse on held-out data
+than it found it. The returned dict reports the losses before
 and after (train and held-out), the number of steps and the wall time.
 
 Data-parallel: inside an initialised torch.distributed process group of W > 1 processes
@@ -64,6 +65,11 @@ class TrainConfig:
     min_lr_ratio: float = 0.1  # cosine decay to this fraction of each group's lr (1: constant)
     grad_clip: float = 0.0  # max gradient norm (0: off)
     keep_best: bool = True
+    # The training loss over every training window after each epoch (history and W&B curves);
+    # off: only the held-out loss is measured per epoch (what keep-best needs) and the epoch's
+    # mean step loss stands for the training loss in the history; the final training loss is
+    # still measured once. On when there is no held-out split (keep-best then needs it).
+    epoch_train_loss: bool = True
     seed: int = 0
     betas: tuple[float, float] = (0.9, 0.95)
 
@@ -142,6 +148,7 @@ def _train(module: nn.Module, param_groups: list[dict], n_train: int, step_loss:
     steps_per_epoch = math.ceil(n_train / tc.batch_size)
     total = steps_per_epoch * tc.epochs
     use_val = not math.isnan(val0)
+    full_train = tc.epoch_train_loss or not use_val
 
     def crit(tr, va):
         return va if use_val else tr
@@ -174,7 +181,9 @@ def _train(module: nn.Module, param_groups: list[dict], n_train: int, step_loss:
                         on_step(step)
                 if on_epoch is not None:
                     on_epoch(epoch)
-                tr, va = eval_loss()
+                tr, va = eval_loss(full_train)
+                if not full_train:
+                    tr = tot / max(cnt, 1)
                 res["history"].append({"epoch": epoch, "step_loss": tot / max(cnt, 1), "train": tr, "val": va})
                 log.info("%s epoch %d: train %.5g  val %.5g", desc, epoch, tr, va)
                 if crit(tr, va) < best:
@@ -187,7 +196,8 @@ def _train(module: nn.Module, param_groups: list[dict], n_train: int, step_loss:
             p.grad = None
     if snap is not None and best_epoch != tc.epochs:
         snap.restore()
-    tr, va = eval_loss() if best_epoch != tc.epochs else (res["history"][-1]["train"], res["history"][-1]["val"])
+    last_full = best_epoch == tc.epochs and full_train
+    tr, va = (res["history"][-1]["train"], res["history"][-1]["val"]) if last_full else eval_loss()
     res.update(train_after=tr, val_after=va, steps=step, epochs=tc.epochs, best_epoch=best_epoch,
                seconds=round(time.time() - t0, 3))
     return res
@@ -282,10 +292,10 @@ def distill_block(block: nn.Module, hidden: torch.Tensor, targets: torch.Tensor,
         y = _run(block, hidden[b], kwargs_by_bs)
         return F.mse_loss(y.float(), targets[b].to(y.device).float())
 
-    def eval_loss():
+    def eval_loss(train: bool = True):
         block.eval()
         try:
-            return (block_mse(block, hidden, targets, kwargs_by_bs, tr_idx, tc.batch_size),
+            return (block_mse(block, hidden, targets, kwargs_by_bs, tr_idx, tc.batch_size) if train else float("nan"),
                     block_mse(block, hidden, targets, kwargs_by_bs, va_idx, tc.batch_size))
         finally:
             block.train()
@@ -418,10 +428,10 @@ def distill_model(student: nn.Module, ids: torch.Tensor, param_groups: list[dict
                 tot += float(kl_loss(_logits(student, ids[b].to(dev)), teacher_lp[b].to(dev))) * len(b)
             return tot / idx.numel()
 
-        def eval_loss():
+        def eval_loss(train: bool = True):
             student.eval()
             try:
-                return mean_kl(tr_idx), mean_kl(va_idx)
+                return mean_kl(tr_idx) if train else float("nan"), mean_kl(va_idx)
             finally:
                 student.train()
 

@@ -100,6 +100,28 @@ def test_keep_best_never_ends_worse():
     assert all(torch.equal(p, s) for p, s in zip(params, saved))
 
 
+def test_skipping_the_per_epoch_training_loss_changes_nothing_but_the_history():
+    """epoch_train_loss=False measures only the held-out loss per epoch: the same steps, the
+    same kept state and final losses; the history's training loss is the epoch's step loss."""
+    model = small_llama(layers=1)
+    inp = capture_inputs(model, ids(24), 8)
+    targets = run_block(model.model.layers[0], inp)
+    runs = []
+    for full in (True, False):
+        student = _noisy_block(model)
+        tc = TrainConfig(epochs=4, batch_size=4, val_fraction=0.25, epoch_train_loss=full)
+        res = distill_block(student, inp.hidden, targets, inp.kwargs_by_bs,
+                            [{"params": [p for n, p in student.named_parameters() if "proj" in n], "lr": 3e-3}], tc)
+        runs.append((res, {n: p.detach().clone() for n, p in student.named_parameters()}))
+    (a, wa), (b, wb) = runs
+    assert all(torch.equal(wa[n], wb[n]) for n in wa)
+    assert a["best_epoch"] == b["best_epoch"] > 0
+    assert [h["val"] for h in a["history"]] == [h["val"] for h in b["history"]]
+    assert a["train_after"] == pytest.approx(b["train_after"], rel=1e-6) and a["val_after"] == b["val_after"]
+    assert [h["train"] for h in b["history"]] == [h["step_loss"] for h in b["history"]]
+    assert [h["train"] for h in a["history"]] != [h["step_loss"] for h in a["history"]]
+
+
 def test_on_step_hook_called_every_step():
     model = small_llama(layers=1)
     inp = capture_inputs(model, ids(8), 8)

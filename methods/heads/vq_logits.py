@@ -559,8 +559,9 @@ class VQLogitsHead(Head):
                 teach = (hs if ht is None else ht)[p] @ W.T
             return loss_fn(student(hs[p]), teach)
 
-        def eval_loss():
-            return (self._mean_loss(student, hs, ht, W, tr, loss_fn), self._mean_loss(student, hs, ht, W, va, loss_fn))
+        def eval_loss(train: bool = True):
+            return (self._mean_loss(student, hs, ht, W, tr, loss_fn) if train else float("nan"),
+                    self._mean_loss(student, hs, ht, W, va, loss_fn))
 
         def on_epoch(_epoch):
             if not cfg.train_map or cfg.K == W.shape[0]:
