@@ -44,6 +44,11 @@ SHAPES = {
 GRAPH_MAX_BYTES = 256 << 20  # GPU: CUDA graphs when the dense fp16 weight is below this (launch-bound)
 
 
+
+def _sig(x: float, digits: int = 4) -> float:
+    """x to `digits` significant figures: a small ratio on a loaded box stays positive, never 0.0."""
+    return float(f"{x:.{digits}g}")
+
 def shape_list(models: list[str], extra: list[str]) -> dict[tuple[int, int], list[str]]:
     """(out, in) -> names, each shape once."""
     out: dict[tuple[int, int], list[str]] = {}
@@ -121,9 +126,9 @@ def run(shapes, layouts, batches, dev, dtype, max_weights, repeats, copy_mb=256,
                     rows.append({"shape": [o, i], "names": names, "layout": lname, "bpw": round(layer.bpw(), 3),
                                  "batch": T, "kernel": kname,
                                  "selected": kname in KERNELS and KERNELS.get(kname) is chosen, "ms": round(ms, 4), "bytes": nb,
-                                 "gbs": round(nb / (ms * 1e-3) / 1e9, 2), "dense_ms": round(dense_ms, 4),
-                                 "speedup": round(dense_ms / ms, 3), "limit_ms": round(limit_ms, 4),
-                                 "of_limit": round(limit_ms / ms, 3), **how})
+                                 "gbs": _sig(nb / (ms * 1e-3) / 1e9), "dense_ms": round(dense_ms, 4),
+                                 "speedup": _sig(dense_ms / ms), "limit_ms": round(limit_ms, 4),
+                                 "of_limit": _sig(limit_ms / ms), **how})
             del layer
             gc.collect()
         del W
