@@ -44,10 +44,10 @@ SHAPES = {
 GRAPH_MAX_BYTES = 256 << 20  # GPU: CUDA graphs when the dense fp16 weight is below this (launch-bound)
 
 
-
 def _sig(x: float, digits: int = 4) -> float:
     """x to `digits` significant figures: a small ratio on a loaded box stays positive, never 0.0."""
     return float(f"{x:.{digits}g}")
+
 
 def shape_list(models: list[str], extra: list[str]) -> dict[tuple[int, int], list[str]]:
     """(out, in) -> names, each shape once."""
