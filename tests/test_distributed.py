@@ -111,16 +111,15 @@ def _job(tmp_path, tiny_cache, name: str, launcher: list[str]):
            f"results_dir={tmp_path / name}", f"hydra.run.dir={tmp_path / name / 'run'}", "logger.progress=false"]
     p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert p.returncode == 0, (p.stdout + p.stderr)[-3000:]
-    return read_runs(tmp_path / name), cache
+    return read_runs(tmp_path / name)
 
 
 def test_torchrun_job_two_processes_match_one(tmp_path, tiny_cache):
     """`torchrun --nproc_per_node 2 -m ttvq_bench ...` on CPU (gloo): one ok record, written by
     rank 0, naming the group; the same checkpoint key and, within noise, the same figures as
-    one process (the minibatch gradients are summed in another order); no private entry of
-    rank 1 in the shared cache."""
-    one, _ = _job(tmp_path, tiny_cache, "one", [])
-    two, cache = _job(tmp_path, tiny_cache, "two", ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"])
+    one process (the minibatch gradients are summed in another order)."""
+    one = _job(tmp_path, tiny_cache, "one", [])
+    two = _job(tmp_path, tiny_cache, "two", ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"])
     assert [r["status"] for r in one] == ["ok"] and [r["status"] for r in two] == ["ok"]
     a, b = one[0], two[0]
     assert b["device"]["distributed"] == {"world_size": 2, "backend": "gloo"} and "distributed" not in a["device"]
@@ -131,4 +130,22 @@ def test_torchrun_job_two_processes_match_one(tmp_path, tiny_cache):
     assert peft_a["steps"] == peft_b["steps"] > 0 and peft_a["best_epoch"] > 0  # both stages trained something
     assert all(blk["best_epoch"] > 0 for blk in a["quantize"]["method_report"]["blocks"].values())
     assert abs(peft_b["kl_after"] / peft_a["kl_after"] - 1) < 0.05, (peft_a["kl_after"], peft_b["kl_after"])
-    assert not any(p.name.startswith("ttvq-private") for p in cache.rglob("*"))
+
+
+def test_read_only_cache_reads_the_shared_entries_and_writes_only_its_own(tmp_path):
+    """What a torchrun rank other than 0 uses: shared entries are read, what it builds goes to a
+    private directory (and is found there again), the shared cache is never changed."""
+    from ttvq_bench.record.cache import Cache
+
+    shared = Cache(tmp_path / "c")
+    shared.get_or_create("k", "a", lambda t: (t / "f").write_text("shared"))
+    before = sorted(str(p) for p in (tmp_path / "c").rglob("*"))
+    ro = Cache(tmp_path / "c", read_only=True)
+    assert (ro.lookup("k", "a") / "f").read_text() == "shared"
+    built = ro.get_or_create("k", "b", lambda t: (t / "f").write_text("mine"))
+    assert (built / "f").read_text() == "mine" and not built.is_relative_to(tmp_path / "c")
+    assert ro.lookup("k", "b") == built and shared.lookup("k", "b") is None
+    with ro.lock("quantize-x"), ro.lock("quantize-x"):  # no-op: rank 0 holds the real one
+        pass
+    assert ro.clean_tmp(0) == 0
+    assert sorted(str(p) for p in (tmp_path / "c").rglob("*")) == before
