@@ -65,7 +65,7 @@ class AQLMConfig:
     max_epochs: int = 1000  # beam-search rounds at most
     relative_mse_tolerance: float = 0.01  # stop when an epoch improves the proxy loss by less than this
     beam_size: int = 1  # reference default
-    true_sequential: bool = True  # Hessians of later sublayers after earlier ones are quantized
+    true_sequential: bool = False  # the reference's default: every linear's Hessian from the block's inputs at once (docs)
     # -- block-wise fine-tuning (continuous parameters, codes fixed) -----------------------------
     finetune: bool = True
     ft_epochs: int = 25
@@ -243,6 +243,8 @@ def aqlm_quantize(W: torch.Tensor, H: torch.Tensor, spec: VQSpec, cfg: AQLMConfi
 class AQLM(VQMethod):
     Config = AQLMConfig
     needs_hessian = True
+    parallel_layers = True
+    layer_state_attrs = ("layer_stats",)
 
     def __init__(self, cfg: AQLMConfig, bits: int):
         super().__init__(cfg, bits)

@@ -73,6 +73,12 @@ class Method:
     # A method whose result does not depend on `bits` (fp16) names the width it really has;
     # the run records that, so a sweep over bits runs it once (same run_id) instead of N times.
     fixed_bits: ClassVar[int | None] = None
+    # quantize_layer's result depends only on the linear's weight, its Hessian and state fixed
+    # in `prepare`, so the linears of one group may be quantized on different processes
+    # (torchrun) and sent to all; `layer_state_attrs` names the per-layer dicts (keyed by full
+    # name) quantize_layer fills, sent along with the layer.
+    parallel_layers: ClassVar[bool] = False
+    layer_state_attrs: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, cfg: Any, bits: int):
         if self.supported_bits and bits not in self.supported_bits:
@@ -109,6 +115,11 @@ class Method:
         """The quantized replacement of `layer` (full name `name`; H its input Hessian when
         `needs_hessian`), or None to keep it."""
         raise NotImplementedError
+
+    def adopt_layer(self, name: str, q: nn.Module, state: dict) -> None:
+        """Take in a layer another process quantized (`parallel_layers`): its per-layer state."""
+        for attr, value in state.items():
+            getattr(self, attr)[name] = value
 
     def finetune_block(self, ctx: BlockContext) -> None:
         """Block-wise training after the block's linears are quantized."""

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from ttvq_bench.distributed import broadcast, group
 from ttvq_bench.errors import QuantizationError
 from ttvq_bench.faults import fault_point
 from ttvq_bench.hashing import hash_file, hash_tensors
@@ -80,17 +81,13 @@ def _quantize_block(b: int, block: nn.Module, model: nn.Module, method: Method, 
         targets = run_block(block, inputs) if method.needs_block_targets else None
     fp_weights = {n: lin.weight for n, lin in linears(block).items()}  # the originals stay untouched
     inputs_hash = hash_tensors([("x", inputs.hidden)]) if method.needs_hessian and cache is not None else ""
-    for group in linear_groups(block, method.true_sequential):
+    for names in linear_groups(block, method.true_sequential):
         with clock("hessian_s"):
-            H = cached_hessians(block, group, inputs, cache, inputs_hash) if method.needs_hessian else {}
-        for name in group:
-            lin = linears(block)[name]
-            full = layer_name(b, name)
-            with clock("quantize_s"):
-                q = method.quantize_layer(full, lin, H.get(name))
+            H = cached_hessians(block, names, inputs, cache, inputs_hash) if method.needs_hessian else {}
+        for name, q in _quantize_group(b, block, names, H, method, clock).items():
             if q is None:
                 continue
-            stats["layers"][full] = _check_layer(full, lin, q)
+            stats["layers"][layer_name(b, name)] = _check_layer(layer_name(b, name), linears(block)[name], q)
             set_module(block, name, q)
     with clock("finetune_s"):
         method.finetune_block(BlockContext(index=b, name=block_name(b), block=block, model=model, inputs=inputs,
@@ -100,6 +97,33 @@ def _quantize_block(b: int, block: nn.Module, model: nn.Module, method: Method, 
     if not torch.isfinite(inputs.hidden).all():
         raise QuantizationError(f"block {b}: outputs have NaN/Inf after quantization")
     stats.setdefault("blocks", {})[str(b)] = clock.seconds
+
+
+def _quantize_group(b: int, block: nn.Module, names: list[str], H: dict, method: Method, clock) -> dict:
+    """The quantized replacements of one group's linears (None: kept). Under torchrun, with a
+    method whose linears are independent (`parallel_layers`), process r quantizes the linears
+    i with i % world == r, then each is sent from its owner to every process."""
+    rank, world = group()
+    owner = {name: (i % world if world > 1 and method.parallel_layers else rank) for i, name in enumerate(names)}
+    out = {}
+    for name in names:
+        if owner[name] == rank:
+            with clock("quantize_s"):
+                out[name] = method.quantize_layer(layer_name(b, name), linears(block)[name], H.get(name))
+    if all(o == rank for o in owner.values()):
+        return out
+    with clock("share_s"):
+        for name in names:
+            full, device = layer_name(b, name), linears(block)[name].weight.device
+            mine = owner[name] == rank
+            q = out.get(name)
+            state = {a: getattr(method, a)[full] for a in method.layer_state_attrs if mine and full in getattr(method, a)}
+            q, state = broadcast((q.cpu() if q is not None else None, state) if mine else None, owner[name])
+            if q is not None:
+                method.adopt_layer(full, q, state)
+                q = q.to(device)
+            out[name] = q
+    return out
 
 
 class _Clock:

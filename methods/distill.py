@@ -41,6 +41,7 @@ see the same parameters). Held-out losses are computed by every process in full.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import time
@@ -51,6 +52,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ttvq_bench.distributed import group
 from ttvq_methods.model_walk import (block_kwargs, block_output, capture_inputs, decoder_layers, module_device,
                                     on_device, run_block, to_device)
 
@@ -72,6 +74,23 @@ class TrainConfig:
     epoch_train_loss: bool = True
     seed: int = 0
     betas: tuple[float, float] = (0.9, 0.95)
+    autocast: str | None = None  # bf16 | off; None: the job's setting (`set_autocast`)
+
+
+_AUTOCAST = "off"  # the job's `autocast`, resolved (ttvq_bench/device.resolve_autocast)
+
+
+def set_autocast(mode: str) -> None:
+    global _AUTOCAST
+    _AUTOCAST = mode
+
+
+def _amp(mode: str | None, device: torch.device):
+    """The training forward passes' autocast context: bf16 needs no loss scaling; parameters,
+    Adam state and the losses (mse, log-softmax: autocast keeps them fp32) stay fp32."""
+    if (mode or _AUTOCAST) == "bf16":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
 
 
 # -- data helpers ---------------------------------------------------------------------------------
@@ -153,6 +172,10 @@ def _train(module: nn.Module, param_groups: list[dict], n_train: int, step_loss:
     def crit(tr, va):
         return va if use_val else tr
 
+    def amp_loss(sel):
+        with _amp(tc.autocast, params[0].device):
+            return step_loss(sel)
+
     best = crit(train0, val0)
     snap = _Snapshot(state()) if tc.keep_best else None
     best_epoch = 0
@@ -170,7 +193,7 @@ def _train(module: nn.Module, param_groups: list[dict], n_train: int, step_loss:
                         pg["lr"] = pg["lr0"] * mult
                     sel = order[s : s + tc.batch_size]
                     opt.zero_grad(set_to_none=True)
-                    loss = _backward(step_loss, sel, params)
+                    loss = _backward(amp_loss, sel, params)
                     if tc.grad_clip > 0:
                         torch.nn.utils.clip_grad_norm_(params, tc.grad_clip)
                     opt.step()
@@ -203,20 +226,11 @@ def _train(module: nn.Module, param_groups: list[dict], n_train: int, step_loss:
     return res
 
 
-def _world() -> tuple[int, int]:
-    """(rank, world size) of the data-parallel group; (0, 1) outside one."""
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
 def _backward(step_loss: Callable[[torch.Tensor], torch.Tensor], sel: torch.Tensor,
               params: list[nn.Parameter]) -> torch.Tensor:
     """Gradients of the mean loss over the minibatch `sel` in every parameter's .grad (one
     process, or this process's share summed over the group); returns the minibatch loss."""
-    rank, world = _world()
+    rank, world = group()
     if world == 1:
         loss = step_loss(sel)
         loss.backward()

@@ -83,6 +83,7 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, bits: int, group_size: int =
 class GPTQ(Method):
     Config = GPTQConfig
     needs_hessian = True
+    parallel_layers = True
     supported_bits = tuple(range(1, 9))
 
     def __init__(self, cfg, bits: int):

@@ -681,6 +681,8 @@ def _lookup(books: torch.Tensor, row_group: torch.Tensor, idx: torch.Tensor) -> 
 @METHODS.register("jlcm")
 class JLCM(Method):
     Config = JLCMConfig
+    parallel_layers = True
+    layer_state_attrs = ("layer_stats",)
 
     def __init__(self, cfg: JLCMConfig, bits: int):
         super().__init__(cfg, bits)

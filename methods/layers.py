@@ -30,7 +30,11 @@ class QuantizedLinear(nn.Module):
         self.has_bias = has_bias
         self._w_cache: torch.Tensor | None = None
         # Loading new buffers invalidates the cached dequantized weight.
-        self._register_load_state_dict_pre_hook(lambda *a, **k: self.clear_cache())
+        # (a method, not a lambda: a layer quantized on one torchrun process is pickled to the others)
+        self._register_load_state_dict_pre_hook(self._state_loading)
+
+    def _state_loading(self, *args, **kwargs) -> None:
+        self.clear_cache()
 
     # -- to implement -------------------------------------------------------------------------
     def dequantize(self) -> torch.Tensor:  # pragma: no cover - abstract

@@ -24,6 +24,7 @@ class RTN(Method):
     # needs_calibration keeps the base default (True): RTN goes through the same block loop
     # as the other methods and simply ignores the data.
     Config = RTNConfig
+    parallel_layers = True
     supported_bits = tuple(range(1, 9))
 
     def __init__(self, cfg, bits: int):

@@ -275,6 +275,8 @@ def vptq_quantize(W: torch.Tensor, H: torch.Tensor, spec: VQSpec, cfg: VPTQConfi
 class VPTQ(VQMethod):
     Config = VPTQConfig
     needs_hessian = True
+    parallel_layers = True
+    layer_state_attrs = ("layer_stats",)
 
     def __init__(self, cfg: VPTQConfig, bits: int):
         super().__init__(cfg, bits)
@@ -369,6 +371,13 @@ class VPTQ(VQMethod):
         self.layer_stats[name] = r.stats
         log.debug("vptq %s: proxy loss %s, bpw of the layer alone %.3f", name, r.stats, r.layer.bpw())
         return r.layer.to(layer.weight.device)
+
+    def adopt_layer(self, name: str, q: nn.Module, state: dict) -> None:
+        """A layer quantized on another process arrives with copies of the shared codebooks:
+        it holds this process's own again (one tensor per scope, as stored and counted)."""
+        super().adopt_layer(name, q, state)
+        for bname, key in q.shared.items():
+            q.share(bname, self.books[key][bname], key)
 
     @torch.no_grad()
     def rounded_weight(self, name: str, W: torch.Tensor, H: torch.Tensor | None, q: VQLinear) -> torch.Tensor:

@@ -109,6 +109,36 @@ def test_device_and_compute_dtype(tiny_cfg, tmp_path):
             continue
         with pytest.raises(ConfigError, match=needle):
             run_job(tiny_cfg("method=rtn", f"device={bad}"), tmp_path / bad.replace(":", "_"))
+    with pytest.raises(ConfigError, match="autocast='fp8' is not auto, off or bf16"):
+        run_job(tiny_cfg("method=rtn", "autocast=fp8"), tmp_path / "fp8")
     rec = run_job(tiny_cfg("method=rtn", "bits=4", "device=cpu"), tmp_path / "cpu")
     assert rec["device"]["compute"] == "cpu" and rec["device"]["dtype"] == "float32"
     assert rec["config"]["model"]["dtype"] == "float32"  # auto, recorded as what ran
+    assert rec["config"]["autocast"] == rec["device"]["autocast"] == "off"  # auto on a CPU
+    assert rec["protocol"]["default"]["batch_size"] == 8  # eval.ppl.batch_size null on a CPU
+
+
+def test_batch_size_from_free_memory(monkeypatch):
+    """null: on a GPU half the free memory over a window's inference bytes (capped), on a CPU 8;
+    a set value is kept; never more than the items there are."""
+    import torch
+
+    from ttvq_bench.device import batch_size_for
+    from ttvq_bench.evaluate.protocol import Evaluation  # noqa: F401  (the caller)
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=1000, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                                         num_attention_heads=4, num_key_value_heads=4))
+    cpu, gpu = torch.device("cpu"), torch.device("cuda", 0)
+    assert batch_size_for(model, 512, cpu, None) == 8 and batch_size_for(model, 512, cpu, 3) == 3
+    assert batch_size_for(model, 512, cpu, None, n_items=5) == 5
+    per_window = 3 * 4 * 1000 * 512 + 16 * 4 * 64 * 512 + 2 * 4 * 4 * 512 * 512
+    free = {"bytes": 40 * per_window}
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (free["bytes"], 2 * free["bytes"]))
+    assert batch_size_for(model, 512, gpu, None) == 20
+    free["bytes"] = 4 * per_window
+    assert batch_size_for(model, 512, gpu, None) == 2 and batch_size_for(model, 512, gpu, 16) == 16
+    free["bytes"] = 10
+    assert batch_size_for(model, 512, gpu, None) == 1
+    free["bytes"] = 10**15
+    assert batch_size_for(model, 512, gpu, None) == 256 and batch_size_for(model, 512, gpu, None, n_items=40) == 40

@@ -122,6 +122,28 @@ def test_skipping_the_per_epoch_training_loss_changes_nothing_but_the_history():
     assert [h["train"] for h in a["history"]] != [h["step_loss"] for h in a["history"]]
 
 
+def test_bf16_autocast_trains_in_bf16_with_fp32_parameters():
+    """autocast=bf16: the training forward passes run in bf16 (the linears see bf16 inputs), the
+    parameters stay fp32 and the held-out loss still falls; off: fp32 throughout."""
+    model = small_llama(layers=1)
+    inp = capture_inputs(model, ids(24), 8)
+    targets = run_block(model.model.layers[0], inp)
+    out = {}
+    for mode in ("bf16", "off"):
+        student = _noisy_block(model)
+        seen = set()
+        hook = student.mlp.down_proj.register_forward_hook(lambda m, a, y: seen.add(y.dtype) if torch.is_grad_enabled() else None)
+        params = [p for n, p in student.named_parameters() if "proj" in n]
+        res = distill_block(student, inp.hidden, targets, inp.kwargs_by_bs, [{"params": params, "lr": 3e-3}],
+                            TrainConfig(epochs=3, batch_size=4, val_fraction=0.25, autocast=mode))
+        hook.remove()
+        assert res["val_after"] < 0.7 * res["val_before"], (mode, res)
+        assert all(p.dtype == torch.float32 for p in student.parameters())
+        out[mode] = (seen, {n: p.detach().clone() for n, p in student.named_parameters()})
+    assert out["bf16"][0] == {torch.bfloat16} and out["off"][0] == {torch.float32}
+    assert any(not torch.equal(out["bf16"][1][n], out["off"][1][n]) for n in out["off"][1])
+
+
 def test_on_step_hook_called_every_step():
     model = small_llama(layers=1)
     inp = capture_inputs(model, ids(8), 8)

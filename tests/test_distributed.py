@@ -7,6 +7,7 @@ import json
 import subprocess
 import sys
 
+import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -105,9 +106,12 @@ TTVQ = ["method=ttvq", "bits=2", "method.init=kmeans", "+method.init_args.kmeans
         "method.peft_epochs=2", "method.block_batch_size=4", "method.peft_batch_size=4", "method.val_fraction=0.25"]
 
 
-def _job(tmp_path, tiny_cache, name: str, launcher: list[str]):
+TORCHRUN2 = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+
+
+def _job(tmp_path, tiny_cache, name: str, launcher: list[str], method: list[str] = TTVQ):
     cache = cache_with_tiny_model(tiny_cache, tmp_path / f"cache_{name}")
-    cmd = [sys.executable, *launcher, "-m", "ttvq_bench", *TINY, *TTVQ, f"cache_dir={cache}", "threads=1",
+    cmd = [sys.executable, *launcher, "-m", "ttvq_bench", *TINY, *method, f"cache_dir={cache}", "threads=1",
            f"results_dir={tmp_path / name}", f"hydra.run.dir={tmp_path / name / 'run'}", "logger.progress=false"]
     p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert p.returncode == 0, (p.stdout + p.stderr)[-3000:]
@@ -119,10 +123,11 @@ def test_torchrun_job_two_processes_match_one(tmp_path, tiny_cache):
     rank 0, naming the group; the same checkpoint key and, within noise, the same figures as
     one process (the minibatch gradients are summed in another order)."""
     one = _job(tmp_path, tiny_cache, "one", [])
-    two = _job(tmp_path, tiny_cache, "two", ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"])
+    two = _job(tmp_path, tiny_cache, "two", TORCHRUN2)
     assert [r["status"] for r in one] == ["ok"] and [r["status"] for r in two] == ["ok"]
     a, b = one[0], two[0]
-    assert b["device"]["distributed"] == {"world_size": 2, "backend": "gloo"} and "distributed" not in a["device"]
+    assert b["device"]["distributed"]["world_size"] == 2 and b["device"]["distributed"]["backend"] == "gloo"
+    assert "distributed" not in a["device"]
     assert a["run_id"] == b["run_id"] and a["checkpoint_key"] == b["checkpoint_key"] and a["bpw"] == b["bpw"]
     corpus = next(iter(a["ppl"]))
     assert abs(b["ppl"][corpus] / a["ppl"][corpus] - 1) < 0.01, (a["ppl"], b["ppl"])
@@ -130,6 +135,26 @@ def test_torchrun_job_two_processes_match_one(tmp_path, tiny_cache):
     assert peft_a["steps"] == peft_b["steps"] > 0 and peft_a["best_epoch"] > 0  # both stages trained something
     assert all(blk["best_epoch"] > 0 for blk in a["quantize"]["method_report"]["blocks"].values())
     assert abs(peft_b["kl_after"] / peft_a["kl_after"] - 1) < 0.05, (peft_a["kl_after"], peft_b["kl_after"])
+
+
+def test_torchrun_layers_quantized_in_parallel_match_one_process(tmp_path, tiny_cache):
+    """VPTQ with full-precision Hessians (the reference protocol: every linear of a block one
+    group): two processes quantize alternate linears and exchange them; the stored model is
+    the one process's bit for bit (same content hash, same shared codebooks), and the windows
+    scored in two shares give its perplexity and KL up to summation order."""
+    vptq = ["method=vptq", "bits=2", "method.hessians=fp", "method.true_sequential=false", "method.kmeans_iters=5"]
+    one = _job(tmp_path, tiny_cache, "one", [], vptq)
+    two = _job(tmp_path, tiny_cache, "two", TORCHRUN2, vptq)
+    assert [r["status"] for r in one] == ["ok"] and [r["status"] for r in two] == ["ok"]
+    a, b = one[0], two[0]
+    assert "linears of a group" in b["device"]["distributed"]["split"]
+    assert all("share_s" in s for s in b["quantize"]["block_seconds"].values())  # the exchange happened
+    assert a["quantize"]["content_sha"] == b["quantize"]["content_sha"] and a["bpw"] == b["bpw"]
+    assert a["quantize"]["layers"] == b["quantize"]["layers"]
+    corpus = next(iter(a["ppl"]))
+    assert abs(b["ppl"][corpus] / a["ppl"][corpus] - 1) < 1e-9, (a["ppl"], b["ppl"])
+    assert abs(b["kl"][corpus] / a["kl"][corpus] - 1) < 1e-6, (a["kl"], b["kl"])
+    assert b["top1"][corpus] == a["top1"][corpus]
 
 
 def test_read_only_cache_reads_the_shared_entries_and_writes_only_its_own(tmp_path):
@@ -149,3 +174,70 @@ def test_read_only_cache_reads_the_shared_entries_and_writes_only_its_own(tmp_pa
         pass
     assert ro.clean_tmp(0) == 0
     assert sorted(str(p) for p in (tmp_path / "c").rglob("*")) == before
+
+
+def _evaluate_shares() -> dict:
+    """Perplexity, KL and zero-shot log-likelihoods of small models, in whatever group is up."""
+    from lm_eval.api.instance import Instance
+    from test_zeroshot import _byte_tokenizer, _rigged_model
+
+    from ttvq_bench.data.windows import ppl_windows
+    from ttvq_bench.distributed import shard
+    from ttvq_bench.evaluate import zeroshot as Z
+    from ttvq_bench.evaluate.kl import fp_reference, kl_to_reference
+    from ttvq_bench.evaluate.perplexity import perplexity
+
+    student, teacher = _model(), _model()
+    with torch.no_grad():
+        for p in student.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
+    ids = torch.randint(0, 64, (300,), generator=torch.Generator().manual_seed(3)).tolist()
+    windows = ppl_windows(ids, 24, 9, 1, None)  # overlapping: windows score different token counts
+    ref = fp_reference(teacher, windows, 3, 16)  # top-16 of 64: the bucketed KL
+    out = {"ppl": perplexity(student, windows, 3, progress=False), "kl": kl_to_reference(student, windows, 3, ref)}
+    lm = _rigged_model(_byte_tokenizer(), "a")
+    reqs = [Instance(request_type="loglikelihood", doc={}, arguments=(ctx, cont), idx=0)
+            for ctx in ("xy", "a", "ba") for cont in (" ab", " b", "aa")]
+    from lm_eval.models.huggingface import HFLM
+
+    seen, scored = [], HFLM._loglikelihood_tokens
+
+    def spy(self, requests, *a, **k):  # what reaches lm-eval's scoring in this process
+        seen.append(len(requests))
+        return scored(self, requests, *a, **k)
+
+    HFLM._loglikelihood_tokens = spy
+    try:
+        out["ll"] = Z.make_lm(lm, bos=True, batch_size=2, progress=False).loglikelihood(reqs)
+    finally:
+        HFLM._loglikelihood_tokens = scored
+    out["scored_here"] = sum(seen)
+    out["windows_here"] = list(shard(len(windows.input_ids)))
+    return out
+
+
+def _eval_worker(rank: int, world: int, store: str, out: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
+    try:
+        torch.save(_evaluate_shares(), f"{out}.{rank}")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_evaluation_shares_sum_to_one_process(tmp_path, one_thread):
+    """Two processes score alternate shares of the windows (and of the zero-shot requests) and
+    sum: the figures of one process, windows with different scored-token counts included."""
+    one = _evaluate_shares()
+    out = tmp_path / "eval.pt"
+    mp.spawn(_eval_worker, args=(2, str(tmp_path / "store_eval"), str(out)), nprocs=2, join=True)
+    twos = [torch.load(f"{out}.{r}", weights_only=False) for r in range(2)]
+    assert sorted(twos[0]["windows_here"] + twos[1]["windows_here"]) == one["windows_here"]  # disjoint shares
+    assert all(0 < t["scored_here"] < one["scored_here"] for t in twos)
+    assert sum(t["scored_here"] for t in twos) == one["scored_here"]
+    for two in twos:
+        assert two["ppl"]["n_tokens"] == one["ppl"]["n_tokens"] and two["kl"]["n_tokens"] == one["kl"]["n_tokens"]
+        assert abs(two["ppl"]["ppl"] / one["ppl"]["ppl"] - 1) < 1e-12, (one["ppl"], two["ppl"])
+        assert abs(two["kl"]["kl"] / one["kl"]["kl"] - 1) < 1e-12 and two["kl"]["top1"] == one["kl"]["top1"]
+        assert [g for _, g in two["ll"]] == [g for _, g in one["ll"]]
+        assert [ll for ll, _ in two["ll"]] == [pytest.approx(ll, rel=1e-6) for ll, _ in one["ll"]]

@@ -21,7 +21,7 @@ def test_end_to_end_record(tiny_cfg, tmp_path):
     assert rec["calib"]["n"] == 8 and rec["calib"]["seed"] == 0 and rec["calib"]["corpus"] == "default"
     for k in ("run_id", "timing", "versions", "device", "config", "peak_rss_mb", "model", "head", "seed"):
         assert rec[k] is not None, k
-    assert {"quantize_s", "eval_s", "total_s"} <= set(rec["timing"])
+    assert {"quantize_s", "quantize_cpu_s", "eval_s", "total_s"} <= set(rec["timing"])
     assert {"python", "torch", "transformers", "lm_eval", "git_sha", "code_hash"} <= set(rec["versions"])
     on_disk = json.loads((tmp_path / "out" / "result.json").read_text())
     assert on_disk["run_id"] == rec["run_id"]

@@ -93,7 +93,7 @@ class PPLConfig:
     bos: bool = True  # BOS at the start of every window (counts in seqlen)
     bos_text: bool = False  # one BOS at the start of the tokenized text instead (GPTQ's llama_eval)
     max_windows: Optional[int] = None  # None: the whole split
-    batch_size: int = 8
+    batch_size: Optional[int] = None  # null: from free device memory (device.batch_size_for; 8 on a CPU)
     extra: List[str] = field(default_factory=list)  # more corpora by kind name, default paths
 
 
@@ -123,7 +123,7 @@ class ZeroShotConfig:
     # lm_eval:<name> = lm-eval's built-in task, from the HF datasets cache only (never downloaded).
     tasks: List[str] = field(default_factory=list)
     limit: Optional[int] = None  # seeded subsample of each task's documents; null: all
-    batch_size: int = 16
+    batch_size: Optional[int] = None  # null: from free device memory (device.batch_size_for; 8 on a CPU)
     bos: bool = True  # prepend BOS to every context (recorded)
     seed: int = 1234
     # Where the local copies of the standard task files live (formats: see the README).
@@ -166,6 +166,9 @@ class Config:
     # 11.5 min on 2 busy cores with 2 threads).
     threads: Optional[int] = None
     device: str = "auto"  # auto | cpu | cuda | cuda:N (ttvq_bench/device.py)
+    # The distillation stages' forward passes: bf16 autocast (fp32 master parameters, optimizer
+    # and losses), off, or auto = bf16 on a GPU that supports it, off on a CPU (recorded resolved).
+    autocast: str = "auto"
     # Absolute per-user defaults, so a run from any directory finds its records and cache.
     results_dir: str = "${oc.env:TTVQ_RESULTS,${oc.env:HOME}/ttvq/results}"
     cache_dir: str = "${oc.env:XDG_CACHE_HOME,${oc.env:HOME}/.cache}/ttvq"
@@ -228,12 +231,12 @@ def validate(cfg: DictConfig) -> None:
         if not isinstance(val, int) or val <= 0:
             raise ConfigError(f"{key}={val!r} must be a positive integer")
 
-    for key in ("bits", "calib.n", "calib.seqlen", "eval.ppl.seqlen", "eval.ppl.batch_size"):
+    for key in ("bits", "calib.n", "calib.seqlen", "eval.ppl.seqlen"):
         positive(key)
     for key in ("calib.seqlen", "eval.ppl.seqlen"):  # BOS (or a first token) and one token to predict
         if OmegaConf.select(cfg, key) < 2:
             raise ConfigError(f"{key}={OmegaConf.select(cfg, key)} must be at least 2 (a context and a token to predict)")
-    for key in ("eval.ppl.stride", "eval.ppl.max_windows", "threads"):
+    for key in ("eval.ppl.stride", "eval.ppl.max_windows", "threads", "eval.ppl.batch_size"):
         positive(key, allow_none=True)
     if cfg.eval.ppl.stride is not None and cfg.eval.ppl.stride > cfg.eval.ppl.seqlen:
         raise ConfigError(f"eval.ppl.stride={cfg.eval.ppl.stride} must be <= eval.ppl.seqlen={cfg.eval.ppl.seqlen}")

@@ -30,3 +30,32 @@ def resolve_dtype(name: str, device: torch.device) -> str:
     if device.type == "cuda":
         return "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
     return "float32"
+
+
+def resolve_autocast(name: str, device: torch.device) -> str:
+    """`autocast` for the distillation stages on `device`: bf16 or off."""
+    name = str(name)
+    if name not in ("auto", "off", "bf16"):
+        raise ConfigError(f"autocast={name!r} is not auto, off or bf16")
+    if name == "auto":
+        return "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "off"
+    return name
+
+
+def batch_size_for(model: torch.nn.Module, seqlen: int, device: torch.device, setting: int | None,
+                   n_items: int | None = None) -> int:
+    """`setting` when set; else (null) from free memory: on a GPU, half of what is free over a
+    window's peak inference bytes (fp32 logits and their log-softmax, the hidden states of one
+    layer, eager attention scores), at most 256 and at most `n_items`. On a CPU 8: host memory
+    is not what limits a batch there, and larger batches do not compute faster."""
+    if setting is not None:
+        return int(setting)
+    bs = 8
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        c = model.config
+        item = torch.empty((), dtype=next(model.parameters()).dtype).element_size()
+        per_window = (3 * 4 * c.vocab_size * seqlen + 16 * item * c.hidden_size * seqlen
+                      + 2 * item * c.num_attention_heads * seqlen * seqlen)
+        bs = max(1, min(256, int(free * 0.5 // per_window)))
+    return max(1, min(bs, n_items)) if n_items else bs

@@ -20,6 +20,7 @@ import torch
 from omegaconf import OmegaConf
 
 from ttvq_bench.data.calib import calibration_ids
+from ttvq_bench.device import batch_size_for
 from ttvq_bench.errors import ConfigError, DataError, QuantizationError
 from ttvq_bench.hashing import hash_obj
 from ttvq_bench.record.versions import code_hash
@@ -175,7 +176,8 @@ class Quantization:
 
     def _quantize_body(self, cfg, lm, cache, calib, resume_key, progress, device) -> dict:
         resume = cache.work_dir(resume_key)  # per-block progress of this exact quantization
-        stats = quantize_blockwise(lm.model, calib, self.method, batch_size=cfg.eval.ppl.batch_size,
+        bs = batch_size_for(lm.model, cfg.calib.seqlen, device or torch.device("cpu"), cfg.eval.ppl.batch_size)
+        stats = quantize_blockwise(lm.model, calib, self.method, batch_size=bs,
                                    resume_dir=resume if cache.enabled else None, save_resume=not cache.read_only,
                                    cache=cache, progress=progress, device=device)
         return {"layers": stats["layers"], "block_seconds": stats.get("blocks", {}), "method_report": self.method.report(),

@@ -19,7 +19,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from ttvq_bench.config import validate
-from ttvq_bench.device import resolve_device, resolve_dtype
+from ttvq_bench.device import resolve_autocast, resolve_device, resolve_dtype
 from ttvq_bench.distributed import barrier, is_writer, join
 from ttvq_bench.errors import ConfigError
 from ttvq_bench.faults import fault_point
@@ -35,6 +35,7 @@ from ttvq_bench.record.versions import device_info, versions
 from ttvq_bench.record.wandb_log import WandbRun, log_skipped
 from ttvq_methods.bits import count_bits
 from ttvq_methods.checkpoint import round_to_storage
+from ttvq_methods.distill import set_autocast
 from ttvq_methods.vq.budget import BUDGET_SLACK
 
 log = logging.getLogger("ttvq")
@@ -64,6 +65,8 @@ def run_job(cfg: DictConfig, output_dir: str | Path) -> dict:
     device, group = join(resolve_device(cfg.device))  # a torchrun job: this process's GPU and group
     writer = is_writer()  # rank 0 of a torchrun job writes (cache, checkpoint, record), the others compute
     cfg.model.dtype = resolve_dtype(cfg.model.dtype, device)  # recorded as what ran
+    cfg.autocast = resolve_autocast(cfg.autocast, device)
+    set_autocast(cfg.autocast)
     progress = cfg.logger.progress
     cache = Cache(cfg.cache_dir, enabled=cfg.cache, read_only=not writer)
     cache.clean_tmp()
@@ -85,17 +88,22 @@ def run_job(cfg: DictConfig, output_dir: str | Path) -> dict:
             log_skipped(cfg.logger.wandb, _wandb_config(cfg), output_dir, done, _sweep_name(cfg))
             return done
         record = _base_record(cfg, lm, q, run_id, defining)
+        if group:  # what the processes split (ttvq_bench/distributed.py)
+            group["split"] = ["distillation minibatches", "evaluation windows and zero-shot requests"] + (
+                ["linears of a group"] if q.checkpoint is None and q.method.parallel_layers else [])
         record["device"].update(compute=str(device), **({"distributed": group} if group else {}))
         wcfg = cfg.logger.wandb if writer else OmegaConf.create({"mode": "disabled"})
         wb = WandbRun(wcfg, _wandb_config(cfg), output_dir, record["sweep"], record)
         try:
             evaluation = Evaluation(cfg, lm, cache, lambda: _fp_model(cfg, cache), device)
             evaluation.take_fp_reference()  # of the model as loaded, before it is quantized
-            t0 = time.time()
+            t0, c0 = time.time(), time.process_time()
             log.info("quantizing: %s at %s bits", q.method_name, q.bits)
             record["quantize"] = q.run(cfg, lm, cache, record, progress, device)
             check_finite(lm.model, "the model to evaluate")
             record["timing"]["quantize_s"] = round(time.time() - t0, 3)
+            # this process's CPU seconds (all its threads): comparable across loads on a shared box
+            record["timing"]["quantize_cpu_s"] = round(time.process_time() - c0, 3)
             log.info("quantized (%s) in %.1f s: %.4f bpw", record["quantize"]["source"], time.time() - t0,
                      count_bits(lm.model, cfg.model.storage_dtype)["bpw"])
             record.update(count_bits(lm.model, cfg.model.storage_dtype))
@@ -112,7 +120,8 @@ def run_job(cfg: DictConfig, output_dir: str | Path) -> dict:
         finally:
             if writer:
                 _finish(record, cfg, output_dir, wb, t_start)
-            barrier()  # the group ends together, after rank 0 wrote the record
+            if record["status"] == "ok":  # a failed process exits at once: torchrun then stops the
+                barrier()  # others (they may wait in a collective); else all end after rank 0's record
     log.info("bpw %.4f (model %.4f)  ppl %s  [%s]", record["bpw"], record["bpw_model"], record["ppl"], run_id)
     log.info("done: run dir %s, checkpoint %s, record %s/runs.jsonl (run_id %s)", output_dir,
              record["quantize"].get("checkpoint"), cfg.results_dir, run_id)
@@ -171,7 +180,8 @@ def _base_record(cfg, lm, q: Quantization, run_id: str, defining: dict) -> dict:
         "model_info": {k: v for k, v in lm.info.items() if k != "train_log"}, "model_fingerprint": lm.fingerprint,
         "head": q.head_name, "bpw": None, "bpw_model": None, "ppl": {}, "kl": {}, "top1": {}, "zeroshot": {}, "speed": {},
         "protocol": {}, "calib": None, "timing": {}, "peak_rss_mb": None, "versions": versions(),
-        "device": {**device_info(), "compute": str(resolve_device(cfg.device)), "dtype": str(cfg.model.dtype)},
+        "device": {**device_info(), "compute": str(resolve_device(cfg.device)), "dtype": str(cfg.model.dtype),
+                   "autocast": cfg.autocast},
         "seed": cfg.seed, "sweep": sweep, "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
         "config": defining,
     }

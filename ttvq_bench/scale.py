@@ -44,7 +44,11 @@ MODELS = {
     "tiny": (192, 520, 4, 2, 512, 4),  # the embedded default's shapes: a seconds-long check of this script
 }
 # Reduced settings a CPU can finish (recorded with the row; on a GPU the defaults run).
-CPU_SETTINGS = {"vptq": {"kmeans_iters": 5}, "ttvq": {"block_epochs": 1, "peft_epochs": 1, "init_args": {"vptq": {"kmeans_iters": 5}}}}
+CPU_SETTINGS = {"vptq": {"kmeans_iters": 5}, "ttvq": {"block_epochs": 1, "peft_epochs": 1, "init_args": {"vptq": {"kmeans_iters": 5}}},
+                # 2x8 g8 (the paper's other 2-bit shape): 1x16 g8's k-means and beam search over 65,536
+                # codewords would take hours per layer on one thread; 2 Adam steps and 1 beam-search round
+                "aqlm": {"num_codebooks": 2, "kmeans_iters": 5, "steps_per_epoch": 2, "max_epochs": 1, "ft_epochs": 1},
+                "jlcm": {"kmeans_iters": 10, "epochs": 1}}
 STAGES = ("targets_s", "hessian_s", "quantize_s", "finetune_s", "forward_s")
 
 

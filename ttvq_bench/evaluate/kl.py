@@ -9,7 +9,8 @@ and cached: for each scored token the FP log-probabilities of its `topk` most li
 (all of them when the vocabulary is no larger than `topk`: then the KL is exact) and their
 indices. With a larger vocabulary the tokens outside the FP top-k are one bucket on both sides,
 which gives a lower bound of the full KL (log-sum inequality); the record says which. Logits
-are held one batch at a time, never for the whole corpus.
+are held one batch at a time, never for the whole corpus. Under torchrun the KL is taken by
+each process on its share of the windows and summed.
 """
 from __future__ import annotations
 
@@ -17,17 +18,20 @@ import torch
 import torch.nn.functional as F
 
 from ttvq_bench.data.windows import Windows
+from ttvq_bench.distributed import all_sum, shard
 from ttvq_bench.hashing import hash_obj
 
 
-def _scored(model, windows: Windows, batch_size: int):
+def _scored(model, windows: Windows, batch_size: int, windows_range: range | None = None):
     """Per batch: log-softmax of the logits at the scored positions, (tokens, vocab) fp32."""
     device = next(model.parameters()).device
-    for i in range(0, len(windows.input_ids), batch_size):
-        ids = windows.input_ids[i : i + batch_size].to(device)
+    r = windows_range if windows_range is not None else range(len(windows.input_ids))
+    for i in range(r.start, r.stop, batch_size):
+        j = min(i + batch_size, r.stop)
+        ids = windows.input_ids[i:j].to(device)
         lp = F.log_softmax(model(input_ids=ids, use_cache=False).logits[:, :-1].float(), -1)
         pos = torch.arange(lp.shape[1], device=device)[None]
-        mask = pos >= windows.score_from[i : i + batch_size, None].to(device)
+        mask = pos >= windows.score_from[i:j, None].to(device)
         yield lp[mask]
 
 
@@ -59,8 +63,11 @@ def cached_fp_reference(model, windows: Windows, batch_size: int, topk: int, cac
 def kl_to_reference(model, windows: Windows, batch_size: int, ref: dict) -> dict:
     """Mean KL(FP ‖ model) and top-1 agreement over the scored tokens."""
     model.eval()
-    kl_sum, agree, n, start = 0.0, 0, 0, 0
-    for lq in _scored(model, windows, batch_size):
+    mine = shard(len(windows.input_ids))
+    seq = windows.input_ids.shape[1] - 1  # predicted positions per window
+    kl_sum, agree, n = 0.0, 0, 0
+    start = first = int((seq - windows.score_from[: mine.start].clamp(max=seq)).sum())  # scored tokens before my share
+    for lq in _scored(model, windows, batch_size, mine):
         m = lq.shape[0]
         lp = ref["vals"][start : start + m].to(lq.device)
         if ref["idx"] is None:  # the whole distribution
@@ -78,7 +85,9 @@ def kl_to_reference(model, windows: Windows, batch_size: int, ref: dict) -> dict
         agree += int((lq.argmax(-1) == top1_fp).sum())
         n += m
         start += m
-    if start != ref["vals"].shape[0]:
-        raise RuntimeError(f"scored {start} tokens, the FP reference has {ref['vals'].shape[0]}")
+    kl_sum, agree, n, end = all_sum(kl_sum, agree, n, start - first)
+    agree, n = int(agree), int(n)
+    if int(end) != ref["vals"].shape[0]:
+        raise RuntimeError(f"scored {int(end)} tokens, the FP reference has {ref['vals'].shape[0]}")
     return {"kl": kl_sum / n, "top1": agree / n, "n_tokens": n, "exact": ref["exact"],
             "topk": None if ref["exact"] else int(ref["vals"].shape[1])}

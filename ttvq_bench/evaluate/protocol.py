@@ -10,6 +10,7 @@ import math
 
 from ttvq_bench.data.corpora import load_text
 from ttvq_bench.data.windows import ppl_windows
+from ttvq_bench.device import batch_size_for
 from ttvq_bench.errors import ConfigError, QuantizationError
 from ttvq_bench.evaluate.kl import cached_fp_reference, kl_to_reference
 from ttvq_bench.evaluate.perplexity import perplexity
@@ -44,8 +45,13 @@ class Evaluation:
                  "dtype": str(self.cfg.model.dtype), "windows": hash_tensors([("ids", windows.input_ids),
                                                                               ("from", windows.score_from)]),
                  "code": code_hash(("ttvq_bench.evaluate.kl",))}
-        return cached_fp_reference(self.lm.model, windows, self.cfg.eval.ppl.batch_size, self.cfg.eval.kl.topk,
+        return cached_fp_reference(self.lm.model, windows, self._batch_size(windows), self.cfg.eval.kl.topk,
                                    self.cache, ident)
+
+    def _batch_size(self, windows) -> int:
+        """eval.ppl.batch_size, or (null) from the free memory of where the model is now."""
+        return batch_size_for(self.lm.model, windows.input_ids.shape[1], module_device(self.lm.model),
+                              self.cfg.eval.ppl.batch_size, len(windows.input_ids))
 
     def take_fp_reference(self) -> None:
         """Compute (or find cached) the FP log-probabilities: call before quantizing."""
@@ -59,8 +65,9 @@ class Evaluation:
             self._run(record, wb, progress)
 
     def _run(self, record: dict, wb, progress: bool) -> None:
-        cfg, model, bs = self.cfg, self.lm.model, self.cfg.eval.ppl.batch_size
+        cfg, model = self.cfg, self.lm.model
         for name, (windows, source) in self.corpora.items():
+            bs = self._batch_size(windows)
             res = perplexity(model, windows, bs, progress, desc=f"ppl[{name}]")
             if not math.isfinite(res["ppl"]):
                 raise QuantizationError(f"perplexity on {name} is not finite ({res['ppl']}): the model's outputs overflow")
@@ -70,6 +77,7 @@ class Evaluation:
                 "seqlen": p.seqlen, "stride": p.stride or p.seqlen, "bos": p.bos, "bos_text": p.bos_text,
                 "n_tokens": res["n_tokens"],
                 "n_windows": res["n_windows"], "max_windows": p.max_windows, "split": "eval", "source": source,
+                "batch_size": bs,
                 "convention": CONVENTION}
             line = f"ppl[{name}] = {res['ppl']:.4f}  ({res['n_tokens']} tokens)"
             if cfg.eval.kl.enabled:

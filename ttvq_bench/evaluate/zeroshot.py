@@ -56,8 +56,11 @@ from pathlib import Path
 
 import torch
 
+from ttvq_bench.device import batch_size_for
+from ttvq_bench.distributed import gather_lists, shard
 from ttvq_bench.errors import ConfigError, DataError
 from ttvq_bench.hashing import hash_obj, hash_tensors
+from ttvq_methods.model_walk import module_device
 
 log = logging.getLogger("ttvq")
 
@@ -87,8 +90,8 @@ def check_config(cfg) -> None:
     zs = cfg.eval.zeroshot
     for key in ("limit", "batch_size"):
         v = zs[key]
-        if (v is not None or key == "batch_size") and (not isinstance(v, int) or v <= 0):
-            raise ConfigError(f"eval.zeroshot.{key}={v!r} must be a positive integer" + (" or null" if key == "limit" else ""))
+        if v is not None and (not isinstance(v, int) or v <= 0):
+            raise ConfigError(f"eval.zeroshot.{key}={v!r} must be a positive integer or null")
     names = list(zs.tasks)
     if len(set(names)) != len(names):
         raise ConfigError(f"eval.zeroshot.tasks={names} names a task twice")
@@ -140,11 +143,13 @@ def evaluate_zeroshot(cfg, lm, cache, record: dict | None = None, progress: bool
 
         task_data = str(Path(str(zs.task_data)).expanduser().resolve()) if zs.task_data else None
         tasks = build_tasks(list(zs.tasks), task_data, zs.get("include_path"))
-        hflm = make_lm(lm, bos=zs.bos, batch_size=zs.batch_size, progress=progress)
+        context = getattr(lm.model.config, "max_position_embeddings", 2048)
+        bs = batch_size_for(lm.model, context, module_device(lm.model), zs.batch_size)
+        hflm = make_lm(lm, bos=zs.bos, batch_size=bs, progress=progress)
         base = {
             "zeroshot_version": ZEROSHOT_VERSION, "lm_eval": lm_eval.__version__,
             "weights": hash_tensors(lm.model.state_dict().items()), "model": lm.fingerprint,
-            "tokenizer": lm.tokenizer.fingerprint(), "bos": bool(zs.bos), "batch_size": zs.batch_size,
+            "tokenizer": lm.tokenizer.fingerprint(), "bos": bool(zs.bos), "batch_size": bs,
             "max_length": hflm.max_length, "dtype": str(next(lm.model.parameters()).dtype),
         }
         per_task = {}
@@ -160,7 +165,7 @@ def evaluate_zeroshot(cfg, lm, cache, record: dict | None = None, progress: bool
         "limit": zs.limit,
         "seed": zs.seed,
         "num_fewshot": 0,
-        "batch_size": zs.batch_size,
+        "batch_size": bs,
         "max_length": base["max_length"],
         "task_data": task_data,
         "weights_hash": base["weights"],
@@ -392,8 +397,10 @@ def _lm_class():
                     start = max(0, b - L - 1)
                     flat.append((None, toks[start:a], toks[a:b]))  # None: not a whole request
                     owner.append(i)
-            out = super()._loglikelihood_tokens(flat, disable_tqdm=disable_tqdm or not self.progress,
-                                                override_bs=override_bs)
+            mine = shard(len(flat))  # under torchrun each process scores its share
+            part = flat[mine.start:mine.stop]
+            out = gather_lists(super()._loglikelihood_tokens(part, disable_tqdm=disable_tqdm or not self.progress,
+                                                             override_bs=override_bs) if part else [])
             res = [[0.0, True] for _ in requests]
             for i, (ll, greedy) in zip(owner, out):
                 res[i][0] += ll
