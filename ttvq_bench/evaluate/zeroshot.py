@@ -31,6 +31,8 @@ Protocol (all of it in the returned dict):
 - Score: a task's `metric` is acc_mutual_info where the task computes it (its yaml lists it:
   the metric that discriminates on that task, e.g. `default_continuation`, where a small model
   mostly picks the choice likely on its own), else acc. The summary line and `average` use it.
+- Under torchrun each process scores a contiguous share of lm-eval's log-likelihood requests
+  and the results are gathered in order on every process (ttvq_bench/distributed.py).
 - Per-document outputs: `samples.jsonl` in the task's cache entry, its path in the record
   (`tasks.<name>.samples`): per document lm-eval's doc_id and doc hash, the target, every
   request's (log-likelihood, is-greedy) and the per-document metric values, so two methods can
