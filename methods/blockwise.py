@@ -104,17 +104,18 @@ def _quantize_group(b: int, block: nn.Module, names: list[str], H: dict, method:
     method whose linears are independent (`parallel_layers`), process r quantizes the linears
     i with i % world == r, then each is sent from its owner to every process."""
     rank, world = group()
+    lins = linears(block)
     owner = {name: (i % world if world > 1 and method.parallel_layers else rank) for i, name in enumerate(names)}
     out = {}
     for name in names:
         if owner[name] == rank:
             with clock("quantize_s"):
-                out[name] = method.quantize_layer(layer_name(b, name), linears(block)[name], H.get(name))
+                out[name] = method.quantize_layer(layer_name(b, name), lins[name], H.get(name))
     if all(o == rank for o in owner.values()):
         return out
     with clock("share_s"):
         for name in names:
-            full, device = layer_name(b, name), linears(block)[name].weight.device
+            full, device = layer_name(b, name), lins[name].weight.device
             mine = owner[name] == rank
             q = out.get(name)
             state = {a: getattr(method, a)[full] for a in method.layer_state_attrs if mine and full in getattr(method, a)}

@@ -241,3 +241,29 @@ def test_evaluation_shares_sum_to_one_process(tmp_path, one_thread):
         assert abs(two["kl"]["kl"] / one["kl"]["kl"] - 1) < 1e-12 and two["kl"]["top1"] == one["kl"]["top1"]
         assert [g for _, g in two["ll"]] == [g for _, g in one["ll"]]
         assert [ll for ll, _ in two["ll"]] == [pytest.approx(ll, rel=1e-6) for ll, _ in one["ll"]]
+
+
+def test_a_layer_from_another_process_holds_the_shared_codebooks_again(one_thread):
+    """What `_quantize_group` does with a layer another rank quantized: it arrives pickled
+    (shared codebooks copied), and VPTQ's `adopt_layer` makes it hold the one tensor per scope
+    again, with the per-layer report."""
+    import pickle
+
+    from ttvq_methods.blockwise import quantize_blockwise
+    from ttvq_methods.registry import METHODS
+    from ttvq_methods.vptq import VPTQConfig
+
+    model = _model()
+    ids = torch.randint(0, 64, (8, 16), generator=torch.Generator().manual_seed(1))
+    method = METHODS.get("vptq")(VPTQConfig(codebook_scope="model", kmeans_iters=3), 2)
+    quantize_blockwise(model, ids, method, batch_size=4, progress=False)
+    name = "model.layers.0.self_attn.q_proj"
+    q = decoder_layers(model)[0].get_submodule("self_attn.q_proj")
+    assert q.shared  # the model-scope codebook
+    arrived = pickle.loads(pickle.dumps(q))
+    report = method.layer_stats.pop(name)
+    assert all(arrived._buffers[b] is not method.books[k][b] for b, k in arrived.shared.items())
+    method.adopt_layer(name, arrived, {"layer_stats": report})
+    assert all(arrived._buffers[b] is method.books[k][b] for b, k in arrived.shared.items())
+    assert method.layer_stats[name] == report
+    assert torch.equal(arrived.dequantize(), q.dequantize())

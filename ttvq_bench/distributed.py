@@ -5,11 +5,11 @@ LOCAL_RANK, MASTER_ADDR, MASTER_PORT), on its own GPU (cuda:LOCAL_RANK, NCCL) or
 that dominates time is split: the distillation loops split each minibatch across the
 processes and sum the gradients (methods/distill.py); the linears of one group of a block are
 quantized on different processes when the method allows it (`Method.parallel_layers`: each
-linear's result depends only on its weight and Hessian) and then sent to all; perplexity and
-KL score each process's share of the windows and sum. So the state stays identical everywhere. Rank 0 alone writes: cache
-entries, checkpoints, the per-block resume state, runs.jsonl, result.json and W&B; the other
-ranks read the cache (so every rank takes the same path: a resumed block, a cached
-checkpoint) and keep what they build in a private temporary directory."""
+linear's result depends only on its weight and Hessian) and then sent to all; perplexity, KL
+and zero-shot score each process's share and sum. So the state stays identical everywhere.
+Rank 0 alone writes: cache entries, checkpoints, the per-block resume state, runs.jsonl,
+result.json and W&B; the other ranks read the cache (so every rank takes the same path: a
+resumed block, a cached checkpoint) and keep what they build in a private temporary directory."""
 from __future__ import annotations
 
 import os
@@ -44,9 +44,9 @@ def join(device: torch.device) -> tuple[torch.device, dict | None]:
 
 
 def barrier() -> None:
-    import torch.distributed as dist
+    if group()[1] > 1:
+        import torch.distributed as dist
 
-    if dist.is_available() and dist.is_initialized():
         dist.barrier()
 
 
