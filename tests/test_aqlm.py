@@ -57,6 +57,46 @@ def test_beam_search_never_increases_the_layer_objective(M, beam):
     assert (dist(new) <= dist(cur) + 1e-6).all()
 
 
+def _exact_beam(target, H, books, codes, beam_size, seed):
+    """The search by definition, row by row: every candidate's objective recomputed from scratch."""
+    m, nv, M = codes.shape
+    K = books[0].shape[0]
+    gen = torch.Generator().manual_seed(seed)
+    group_order = torch.randperm(nv, generator=gen).tolist()
+    cb_orders = [torch.randperm(M, generator=gen).tolist() for _ in range(nv)]
+    out = codes.clone()
+    for r in range(m):
+        t = target[r : r + 1]
+        hyps = [codes[r]]
+        for j, cb_order in zip(group_order, cb_orders):
+            for k in cb_order:
+                cands = []
+                for h in hyps:
+                    for c in range(K):
+                        x = h.clone()
+                        x[j, k] = c
+                        cands.append((float(row_losses(t, H, books, x[None])[0]), x))
+                cands.sort(key=lambda e: e[0])
+                hyps = [x for _, x in cands[:beam_size]]
+        out[r] = hyps[0]
+    return out
+
+
+@pytest.mark.parametrize("beam", [1, 3])
+def test_beam_search_lazy_updates_match_the_search_by_definition(beam):
+    # float64 so the only difference could be the algorithm; flush_cols=4 flushes the lazy
+    # G update every two groups, mid-pass, with hypotheses reordered in between
+    W, H, g = problem(m=5, n=13, seed=3)
+    W, H = W.double(), H.double()
+    gs, K, M = 2, 5, 2
+    books = [torch.randn(K, gs, generator=g).double() * 0.6 for _ in range(M)]
+    codes = torch.randint(0, K, (5, 7, M), generator=g)
+    ref = _exact_beam(W, H, books, codes, beam, seed=11)
+    for flush_cols in (4, 2, 256):
+        new, info = beam_search_xtx(W, H, books, codes, beam_size=beam, seed=11, flush_cols=flush_cols)
+        assert torch.equal(new, ref) and info["rows_kept"] == 0
+
+
 def test_m1_without_finetuning_is_nearest_codeword_under_identity():
     W, _, g = problem(m=16, n=12, seed=1)
     books = [torch.randn(32, 3, generator=g)]

@@ -24,7 +24,12 @@ is nearest-codeword assignment, and so is the XᵀX search under H = I.
 The incremental update. With residual R = t - u and G = R H (one row per hypothesis), changing
 one group's code from c_old to c (Δ = c_old - c on the group's slice S) gives
     loss' = loss + 2 c_oldᵀ G_S + c_oldᵀ H_SS c_old - 2 cᵀ (G_S + H_SS c_old) + cᵀ H_SS c,
-so a step costs K·g² for the candidates and B·m·g·n to update G for the chosen codes.
+so a step costs K·g² for the candidates plus B·m·K·g for the scores. G itself is updated
+lazily, as GPTQ's lazy batches do: a group's slice of G is brought up to date from the changes
+Δ pending since the last flush (B·m·P·g² for P pending groups), and every `flush_cols` columns
+one GEMM adds Δ_pending · H[pending rows] to all of G. Updating all of G at every step instead
+(a rank-g update, B·m·g·n memory-bound work per step) made one 4096 x 4096 pass take ~200 s on
+one CPU thread.
 """
 from __future__ import annotations
 
@@ -54,7 +59,7 @@ def row_losses(target: torch.Tensor, H: torch.Tensor, books: list[torch.Tensor],
 
 @torch.no_grad()
 def beam_search_xtx(target: torch.Tensor, H: torch.Tensor, books: list[torch.Tensor], codes: torch.Tensor, *,
-                    beam_size: int = 1, seed: int | None = 0) -> tuple[torch.Tensor, dict]:
+                    beam_size: int = 1, seed: int | None = 0, flush_cols: int = 256) -> tuple[torch.Tensor, dict]:
     """New codes (m, nv, M) for the lines `target` (m, n) under the Hessian H (n, n), starting
     from `codes` (m, nv, M) with `books` (M tensors (K_m, g)); a line of n not divisible by g
     is zero-padded (the padded entries have no weight). seed None: natural group and codebook
@@ -67,20 +72,24 @@ def beam_search_xtx(target: torch.Tensor, H: torch.Tensor, books: list[torch.Ten
     if codes.shape != (m, nv, M) or nv != math.ceil(n / g):
         raise ValueError(f"codes must be {(m, math.ceil(n / g), M)}, got {tuple(codes.shape)}")
     dev = target.device
+    dt = torch.float64 if target.dtype == torch.float64 else torch.float32
     n_pad = nv * g
-    C = [b.detach().float() for b in books]
-    X = torch.zeros(m, n_pad, device=dev)
-    X[:, :n] = target.detach().float()
-    Hp = torch.zeros(n_pad, n_pad, device=dev)
-    Hp[:n, :n] = H.detach().float()
+    C = [b.detach().to(dt) for b in books]
+    X = torch.zeros(m, n_pad, device=dev, dtype=dt)
+    X[:, :n] = target.detach()
+    Hp = torch.zeros(n_pad, n_pad, device=dev, dtype=dt)
+    Hp[:n, :n] = H.detach()
     codes = codes.detach().long()
     before = row_losses(target, H, books, codes)
 
     R = X - _decode_lines(C, codes)
-    G = (R @ Hp)[None]  # (B, m, n_pad)
-    L = (R * G[0]).sum(1)[None]  # (B, m)
+    G0 = (R @ Hp)[None]  # (B0, m, n_pad): G = R H as of the last flush
+    L = (R * G0[0]).sum(1)[None]  # (B, m)
     beam = codes[None].clone()  # (B, m, nv, M)
     rows = torch.arange(m, device=dev)
+    origin = torch.zeros(1, m, dtype=torch.long, device=dev)  # each hypothesis's row of G0
+    pend_cols: list[torch.Tensor] = []  # the groups changed since the last flush ...
+    D = torch.zeros(1, m, 0, device=dev, dtype=dt)  # ... and each hypothesis's Δ on them
     if seed is None:
         group_order = list(range(nv))
         cb_orders = [list(range(M))] * nv
@@ -88,14 +97,18 @@ def beam_search_xtx(target: torch.Tensor, H: torch.Tensor, books: list[torch.Ten
         gen = torch.Generator().manual_seed(seed)
         group_order = torch.randperm(nv, generator=gen).tolist()
         cb_orders = [torch.randperm(M, generator=gen).tolist() for _ in range(nv)]
-    for j, cb_order in zip(group_order, cb_orders):
+    flush_every = max(1, flush_cols // g)
+    for step, (j, cb_order) in enumerate(zip(group_order, cb_orders)):
         S = slice(j * g, (j + 1) * g)
-        Hss, Hrow = Hp[S, S], Hp[S]
+        Hss = Hp[S, S]
+        GS = G0[:, :, S][origin, rows]  # (B, m, g): this group's slice of G, brought up to date
+        if pend_cols:
+            GS = GS + D @ Hp[torch.cat(pend_cols), S]
+        Dj = torch.zeros_like(GS)
         for k in cb_order:
             Ck = C[k]
             K = Ck.shape[0]
             old = Ck[beam[:, :, j, k]]  # (B, m, g)
-            GS = G[:, :, S]
             oldH = old @ Hss
             a = GS + oldH
             const = L + 2 * (old * GS).sum(-1) + (oldH * old).sum(-1)  # (B, m)
@@ -108,10 +121,25 @@ def beam_search_xtx(target: torch.Tensor, H: torch.Tensor, books: list[torch.Ten
             else:
                 vals, idx = flat.topk(min(beam_size, B * K), dim=1, largest=False, sorted=True)
             src, new = (idx // K).T, (idx % K).T  # (B', m)
-            beam = beam[src, rows]
+            if B > 1 or src.shape[0] > 1:  # hypotheses reordered per row (one: src is all zeros)
+                beam, origin, D, GS, Dj, old = (t[src, rows] for t in (beam, origin, D, GS, Dj, old))
             beam[:, :, j, k] = new
-            G = G[src, rows] + (old[src, rows] - Ck[new]) @ Hrow
+            delta = old - Ck[new]  # (B', m, g)
+            GS = GS + delta @ Hss
+            Dj = Dj + delta
             L = vals.T.contiguous()
+        pend_cols.append(torch.arange(j * g, (j + 1) * g, device=dev))
+        D = torch.cat([D, Dj], -1)
+        if len(pend_cols) == flush_every and step < nv - 1:
+            # bring G = R H up to date for every hypothesis with one GEMM over the pending
+            # groups' rows of H, instead of a rank-g update of all of G at every step
+            rows_h = Hp[torch.cat(pend_cols)]  # (P·g, n_pad)
+            if G0.shape[0] == 1 and D.shape[0] == 1:
+                G0[0].addmm_(D[0], rows_h)  # one hypothesis: origin is all zeros, update in place
+            else:
+                G0 = G0[origin, rows] + D @ rows_h
+            origin = torch.arange(G0.shape[0], device=dev)[:, None].expand(-1, m).contiguous()
+            pend_cols, D = [], D[:, :, :0]
     best = beam[L.argmin(0), rows] if beam.shape[0] > 1 else beam[0]
     after = row_losses(target, H, books, best)
     worse = after > before
