@@ -27,7 +27,7 @@ from torch import nn
 
 from ttvq_bench.errors import QuantizationError
 from ttvq_bench.hashing import hash_obj, hash_tensors
-from ttvq_methods.model_walk import BlockInputs, decoder_layers, layer_name, linears, run_block
+from ttvq_methods.model_walk import BlockInputs, decoder_layers, layer_name, linears, module_device, run_block, to_device
 
 log = logging.getLogger(__name__)
 
@@ -177,9 +177,40 @@ def obs_quantize(W: torch.Tensor, H: torch.Tensor, quantize_column: ColumnQuanti
 
 
 # -- collecting Hessians on calibration activations ----------------------------------------------
+class _Enough(Exception):
+    """Raised by the last hook a batch needs: the rest of the block's forward is not computed."""
+
+
+@torch.no_grad()
 def collect_hessians(block: nn.Module, names: list[str], inputs: BlockInputs) -> dict[str, torch.Tensor]:
-    """H of the named linears of `block`, from one pass of the block over `inputs`."""
-    return _accumulate(block, names, inputs, diag_only=False)[0]
+    """H of the named linears of `block`, from one pass of the block over `inputs`, each batch's
+    forward stopped once every named linear has seen it: a true-sequential group's pass (q/k/v
+    of a Llama block, say) computes only the block up to its linears."""
+    mods = linears(block)
+    accs = {n: HessianAccumulator(mods[n].in_features, device=mods[n].weight.device) for n in names}
+    seen: set[str] = set()
+
+    def hook(m, a, o, n):
+        accs[n].add_batch(a[0])
+        seen.add(n)
+        if len(seen) == len(accs):
+            raise _Enough
+
+    handles = [mods[n].register_forward_hook(lambda m, a, o, n=n: hook(m, a, o, n)) for n in names]
+    dev = module_device(block)
+    try:
+        for _, h, kw in inputs.batches():
+            seen.clear()
+            try:
+                block(h.to(dev), **to_device(kw, dev))
+            except _Enough:
+                pass
+            if len(seen) != len(accs):
+                raise RuntimeError(f"linears {sorted(set(accs) - seen)} did not run in the block's forward")
+    finally:
+        for h in handles:
+            h.remove()
+    return {n: a.hessian() for n, a in accs.items()}
 
 
 @torch.no_grad()

@@ -53,6 +53,31 @@ def test_hessian_accumulator_is_running_mean(setup):
     assert layer_proxy_loss(W, Wq, H) == pytest.approx(out.item(), rel=1e-4)
 
 
+def test_hessians_of_a_group_stop_the_forward_once_collected():
+    # a true-sequential group's pass stops at its last linear: the same H as a full pass, and
+    # the MLP never starts for the attention projections
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from ttvq_methods.model_walk import capture_inputs, linears
+    from ttvq_methods.second_order import _accumulate, collect_hessians
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
+                                         num_attention_heads=4, num_key_value_heads=2)).eval()
+    inputs = capture_inputs(model, torch.randint(0, 64, (6, 16)), batch_size=4)
+    block = model.model.layers[0]
+    mlp_calls = []
+    block.mlp.register_forward_pre_hook(lambda *a: mlp_calls.append(1))  # the MLP starts
+    full = _accumulate(block, list(linears(block)), inputs, diag_only=False)[0]
+    assert len(mlp_calls) == 2  # two batches
+    for group, mlp_runs in ((["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"], 0),
+                            (["self_attn.o_proj"], 0), (["mlp.down_proj"], 2)):
+        mlp_calls.clear()
+        H = collect_hessians(block, group, inputs)
+        assert len(mlp_calls) == mlp_runs
+        assert set(H) == set(group) and all(torch.equal(H[n], full[n]) for n in group)
+
+
 @pytest.mark.parametrize("bits", [2, 3, 4])
 @pytest.mark.parametrize("gs", [-1, 32])
 @pytest.mark.parametrize("act_order", [False, True])

@@ -31,3 +31,13 @@ def test_wheel_runs_outside_the_checkout(tmp_path):
                             capture_output=True, text=True, timeout=120)
     assert script.returncode == 0 and "== Configuration groups ==" in script.stdout, script.stderr[-2000:]
     assert "vptq" in script.stdout and "stories260k_ref" in script.stdout  # the packaged groups
+
+
+def test_triton_only_where_kernels_need_it():
+    # a CPU install must not pull triton (690 MB it never runs); the kernels and dev extras ask for it
+    from importlib.metadata import requires
+
+    reqs = requires("ttvq-bench")
+    triton = [r for r in reqs if r.startswith("triton")]
+    assert triton and all("extra ==" in r for r in triton), triton
+    assert {r.split('extra == "')[1].rstrip('"') for r in triton} == {"kernels", "dev"}
