@@ -31,6 +31,11 @@ def test_wheel_runs_outside_the_checkout(tmp_path):
                             capture_output=True, text=True, timeout=120)
     assert script.returncode == 0 and "== Configuration groups ==" in script.stdout, script.stderr[-2000:]
     assert "vptq" in script.stdout and "stories260k_ref" in script.stdout  # the packaged groups
+    # the embedded default model travels in the wheel and is what the default recipe loads
+    emb = subprocess.run([sys.executable, "-c", "from ttvq_bench.models import tiny; "
+                          "print(tiny.EMBEDDED, tiny.embedded_matches(tiny.TinyModelConfig()))"],
+                         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert emb.stdout.split() == [str(tmp_path / "site" / "ttvq_bench" / "models" / "tiny_default"), "True"], emb.stderr
 
 
 def test_triton_only_where_kernels_need_it():

@@ -134,3 +134,42 @@ def test_default_corpus_splits():
     assert dc.default_corpus_text("train") == train and dc.default_corpus_text("eval") == ev
     with pytest.raises(ValueError):
         dc.default_corpus_text("test")
+
+
+def test_default_recipe_loads_the_embedded_weights(tmp_path, monkeypatch):
+    # the shipped weights are the default recipe's (a recipe change without `python -m
+    # ttvq_bench.models.tiny embed` fails here), loaded without training; any other config,
+    # or embedded=false, trains
+    assert tiny.embedded_matches(TinyModelConfig())
+    assert not tiny.embedded_matches(replace(TinyModelConfig(), steps=449))
+    assert not tiny.embedded_matches(SMALL)
+
+    class Trained(Exception):
+        pass
+
+    def no_build(*a, **k):
+        raise Trained
+
+    monkeypatch.setattr(tiny, "_build_entry", no_build)
+    lm = load_tiny(TinyModelConfig(), Cache(tmp_path / "cache"), progress=False)
+    log = json.loads((tiny.EMBEDDED / "train_log.json").read_text())
+    assert lm.info["source"] == "embedded" and lm.info["n_params"] == log["n_params"] == 1740480
+    assert lm.info["train_log"]["config"] == {k: v for k, v in asdict(TinyModelConfig()).items() if k != "embedded"}
+    with pytest.raises(Trained):
+        load_tiny(replace(TinyModelConfig(), embedded=False), Cache(tmp_path / "cache"), progress=False)
+    assert cache_key(replace(TinyModelConfig(), embedded=False)) == cache_key(TinyModelConfig())
+
+
+@pytest.mark.regression
+def test_embedded_weights_are_what_the_recipe_trains():
+    # retrains the default recipe (~3 min on one thread): bit-identical on the CPU the weights
+    # were built on; elsewhere float reductions may differ, so the bar is the eval perplexity
+    from safetensors.torch import load_file
+
+    torch.set_num_threads(1)
+    model, _, log = tiny.train_tiny(TinyModelConfig(), progress=False)
+    shipped = load_file(str(tiny.EMBEDDED / "model.safetensors"))
+    ref = json.loads((tiny.EMBEDDED / "train_log.json").read_text())
+    mine = model.state_dict()
+    identical = all(torch.equal(mine[k], v) for k, v in shipped.items())
+    assert log["eval_ppl"] == pytest.approx(ref["eval_ppl"], rel=0.01), (log["eval_ppl"], ref["eval_ppl"], identical)
