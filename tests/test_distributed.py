@@ -4,6 +4,7 @@ whole job under torchrun (ttvq_bench/distributed.py): rank 0 alone writes, one r
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -109,11 +110,14 @@ TTVQ = ["method=ttvq", "bits=2", "method.init=kmeans", "+method.init_args.kmeans
 TORCHRUN2 = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
 
 
-def _job(tmp_path, tiny_cache, name: str, launcher: list[str], method: list[str] = TTVQ):
-    cache = cache_with_tiny_model(tiny_cache, tmp_path / f"cache_{name}")
+def _run(tmp_path, cache, name: str, launcher: list[str], method: list[str], env=None) -> subprocess.CompletedProcess:
     cmd = [sys.executable, *launcher, "-m", "ttvq_bench", *TINY, *method, f"cache_dir={cache}", "threads=1",
            f"results_dir={tmp_path / name}", f"hydra.run.dir={tmp_path / name / 'run'}", "logger.progress=false"]
-    p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
+    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900, env={**os.environ, **(env or {})})
+
+
+def _job(tmp_path, tiny_cache, name: str, launcher: list[str], method: list[str] = TTVQ, cache=None):
+    p = _run(tmp_path, cache or cache_with_tiny_model(tiny_cache, tmp_path / f"cache_{name}"), name, launcher, method)
     assert p.returncode == 0, (p.stdout + p.stderr)[-3000:]
     return read_runs(tmp_path / name)
 
@@ -155,6 +159,24 @@ def test_torchrun_layers_quantized_in_parallel_match_one_process(tmp_path, tiny_
     assert abs(b["ppl"][corpus] / a["ppl"][corpus] - 1) < 1e-9, (a["ppl"], b["ppl"])
     assert abs(b["kl"][corpus] / a["kl"][corpus] - 1) < 1e-6, (a["kl"], b["kl"])
     assert b["top1"][corpus] == a["top1"][corpus]
+
+
+def test_one_rank_killed_ends_the_group_and_the_rerun_resumes(tmp_path, tiny_cache):
+    """Rank 1 of a torchrun job is SIGKILLed in block 1 (as the OOM killer would): the job ends
+    (torchrun stops rank 0, which may be waiting in a collective) with no record claiming ok, and
+    the rerun resumes from rank 0's saved block 0 to the one-process model bit for bit."""
+    vptq = ["method=vptq", "bits=2", "method.hessians=fp", "method.true_sequential=false", "method.kmeans_iters=5"]
+    cache = cache_with_tiny_model(tiny_cache, tmp_path / "cache_group")
+    p = _run(tmp_path, cache, "died", TORCHRUN2, vptq, env={"TTVQ_FAULT": "block1", "TTVQ_FAULT_RANK": "1"})
+    out = p.stdout + p.stderr
+    root = out.split("Root Cause")[-1]  # torchrun's report: rank 1 died of SIGKILL, rank 0 was stopped
+    assert p.returncode != 0 and "rank      : 1" in root and "exitcode  : -9" in root, out[-3000:]
+    assert not [r for r in read_runs(tmp_path / "died") if r.get("status") == "ok"]
+    assert (cache / "work").is_dir()  # block 0 was saved by rank 0
+    resumed = _job(tmp_path, tiny_cache, "resumed", TORCHRUN2, vptq, cache=cache)
+    one = _job(tmp_path, tiny_cache, "one", [], vptq)
+    assert [r["status"] for r in resumed] == ["ok"] and resumed[0]["quantize"]["resumed_blocks"] == 1
+    assert resumed[0]["quantize"]["content_sha"] == one[0]["quantize"]["content_sha"]
 
 
 def test_read_only_cache_reads_the_shared_entries_and_writes_only_its_own(tmp_path):
