@@ -359,4 +359,5 @@ if __name__ == "__main__":
     if sys.argv[1:] != ["embed"]:
         sys.exit("usage: python -m ttvq_bench.models.tiny embed   (retrain the default recipe into the package)")
     logging.basicConfig(level=logging.INFO)
+    torch.set_num_threads(1)  # as the README's figures (the weights are the same with 2)
     print(embed())
