@@ -42,8 +42,9 @@ TINY_RECIPE_VERSION = 1
 CACHE_KIND = "tiny_model"
 # The default recipe's weights, trained once by `python -m ttvq_bench.models.tiny embed` and
 # shipped with the package (6.9 MB): the README's first command then needs no training, and
-# the default model is the same file on every machine (training reproduces it bit for bit on
-# the CPU it was built on, within float noise elsewhere; tests/test_tiny_model.py checks both).
+# the default model is the same file on every machine (`embed` reproduced it byte for byte on
+# the box that built it; elsewhere float reductions may differ: the regression test in
+# tests/test_tiny_model.py retrains it and compares the eval perplexity).
 EMBEDDED = Path(__file__).with_name("tiny_default")
 SPECIAL_TOKENS = ["<pad>", "<s>", "</s>"]
 
