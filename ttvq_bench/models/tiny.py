@@ -41,10 +41,10 @@ log = logging.getLogger("ttvq")
 TINY_RECIPE_VERSION = 1
 CACHE_KIND = "tiny_model"
 # The default recipe's weights, trained once by `python -m ttvq_bench.models.tiny embed` and
-# shipped with the package (6.9 MB): the README's first command then needs no training, and
-# the default model is the same file on every machine (`embed` reproduced it byte for byte on
-# the box that built it; elsewhere float reductions may differ: the regression test in
-# tests/test_tiny_model.py retrains it and compares the eval perplexity).
+# shipped with the package in fp16 (3.5 MB, `store_half`): the README's first command then
+# needs no training, and the default model is the same file on every machine (`embed`
+# reproduced it byte for byte on the box that built it; elsewhere float reductions may differ:
+# the regression test in tests/test_tiny_model.py retrains it and compares the eval perplexity).
 EMBEDDED = Path(__file__).with_name("tiny_default")
 SPECIAL_TOKENS = ["<pad>", "<s>", "</s>"]
 
@@ -340,6 +340,16 @@ _ARCH_KEYS = (
 )
 
 
+def store_half(path: Path) -> None:
+    """Rewrite an entry's weights in fp16, the harness's default `model.storage_dtype`: every
+    job with that default rounds the loaded weights to it anyway, so the shipped file (half the
+    size) gives those jobs the very same model."""
+    from transformers import LlamaForCausalLM
+
+    model = LlamaForCausalLM.from_pretrained(path, dtype=torch.float32, local_files_only=True)
+    model.half().save_pretrained(path, safe_serialization=True)
+
+
 def embed(progress: bool = True) -> Path:
     """Train the default recipe and write it to EMBEDDED (what the package ships)."""
     import shutil
@@ -350,6 +360,7 @@ def embed(progress: bool = True) -> Path:
         out = Path(tmp) / "entry"
         out.mkdir()
         _build_entry(cfg, out, progress)
+        store_half(out)
         (out / "recipe.json").write_text(json.dumps(recipe(cfg), indent=1))
         shutil.rmtree(EMBEDDED, ignore_errors=True)
         shutil.copytree(out, EMBEDDED)
