@@ -12,9 +12,10 @@ Recipe (deterministic from `TinyModelConfig.seed`):
 The default recipe's build ships with the package (EMBEDDED): training it takes minutes on one
 CPU thread, more than the README's first command can afford with the install, and fewer steps
 cost too much quality (README, "The embedded default"). Other configs train here and are
-cached; later runs load the entry in ~0.1 s plus the transformers import. Weights are bit-identical for the same seed (checked
-across processes and with 1 vs 2 torch threads); float reductions could still differ on another
-CPU or stack, which is why the fingerprint hashes the loaded weights rather than the key.
+cached; later runs load the entry in ~0.1 s plus the transformers import. Weights are
+bit-identical for the same seed (checked across processes and with 1 vs 2 torch threads); float
+reductions could still differ on another CPU or stack, which is why the fingerprint hashes the
+loaded weights rather than the key.
 """
 from __future__ import annotations
 
